@@ -1,0 +1,1 @@
+"""Input pipeline: ORC/Parquet sequence files -> hashed, truncated ``SequenceBatch`` of KeyedJaggedTensors."""

@@ -1,0 +1,232 @@
+"""Map raw feature values (integers or strings) to embedding-row ids, vectorised over whole arrays.
+
+RecIS semantics (``varlen_feature(name, hash_type, hash_bucket_size)``), see DESIGN.md section 1:
+
+* ``hash_type="none"``: integer ids. With a bucket they are taken modulo the bucket; without one they must
+  already lie in ``[0, num_embeddings)``. String leaves cannot be used without a hash.
+* ``hash_type="murmur"``: MurmurHash64A (seed 0) over the UTF-8 bytes of each string, then
+  ``hash % bucket`` (bucket > 0) or ``hash & INT64_MAX`` (bucket 0, an unbounded 63-bit id that the model
+  maps through a managed-collision module). Integer leaves are hashed through their decimal string form
+  (``123`` hashes like ``"123"``): RecIS hashes the string form of a value, so the same id gives the same
+  row whether a file stores it as a number or as text.
+* ``hash_type="farm"``: FarmHash Fingerprint64, not implemented yet.
+
+Everything here works on whole Arrow/numpy arrays: strings are hashed once per *distinct* value, and the
+hash itself runs as numpy ``uint64`` arithmetic over all strings at once, one step per 8-byte block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data.config import FeatureConfig
+
+INT64_MAX = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+# MurmurHash64A constants (Austin Appleby, MurmurHash2 64-bit variant "A").
+_M = 0xC6A4A7935BD1E995
+_R = 47
+_M_U64 = np.uint64(_M)
+_R_U64 = np.uint64(_R)
+_BYTE_STEPS = np.arange(8)
+
+FARM_NOT_IMPLEMENTED = "farm hashing (FarmHash Fingerprint64) is not implemented yet; use murmur"
+
+
+def murmurhash64a(data: bytes, seed: int = 0) -> int:
+    """Scalar reference MurmurHash64A, written straight from the reference definition.
+
+    Slow (pure Python); it exists to pin down the vectorised implementation in tests.
+    """
+    length = len(data)
+    h = (seed ^ (length * _M)) & _MASK64
+    nblocks = length // 8
+    for i in range(nblocks):
+        k = int.from_bytes(data[8 * i : 8 * i + 8], "little")
+        k = (k * _M) & _MASK64
+        k ^= k >> _R
+        k = (k * _M) & _MASK64
+        h ^= k
+        h = (h * _M) & _MASK64
+    tail = data[8 * nblocks :]
+    if tail:
+        # The reference's fall-through switch: XOR tail byte i at bit 8*i, then one multiply.
+        for i in range(len(tail) - 1, -1, -1):
+            h ^= tail[i] << (8 * i)
+        h = (h * _M) & _MASK64
+    h ^= h >> _R
+    h = (h * _M) & _MASK64
+    h ^= h >> _R
+    return h
+
+
+def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start offset and byte length of every string, and the raw UTF-8 byte buffer they index."""
+    offset_type = np.int64 if pa.types.is_large_string(strings.type) else np.int32
+    buffers = strings.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=offset_type)[strings.offset : strings.offset + len(strings) + 1]
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    return offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64), data
+
+
+def _gather_u64(data: np.ndarray, positions: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """Little-endian uint64 of the ``nbytes[j]`` (<= 8) bytes at ``positions[j]``; missing bytes are zero.
+
+    Reading byte by byte (instead of viewing 8 bytes as one uint64) never reads past the buffer's end and
+    needs no alignment.
+    """
+    out = np.zeros(len(positions), dtype=np.uint64)
+    for i in range(8):
+        take = nbytes > i
+        if not take.any():
+            break
+        out[take] |= data[positions[take] + i].astype(np.uint64) << np.uint64(8 * i)
+    return out
+
+
+def murmurhash64a_strings(strings: pa.Array, seed: int = 0) -> np.ndarray:
+    """MurmurHash64A of every string of a (non-null) string/large_string array, as ``uint64``.
+
+    All strings advance together one 8-byte block per step (a mask selects the strings that still have a
+    full block), so the Python loop runs ``max_len / 8`` times, never once per string.
+    """
+    if strings.null_count:
+        raise ValueError("cannot hash null strings")
+    n = len(strings)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    starts, lengths, data = _string_buffers(strings)
+    ulen = lengths.astype(np.uint64)
+    # uint64 array arithmetic wraps modulo 2**64, which is exactly the hash's arithmetic.
+    with np.errstate(over="ignore"):
+        h = np.uint64(seed) ^ (ulen * _M_U64)
+        nblocks = lengths // 8
+        for block in range(int(nblocks.max())):
+            active = nblocks > block
+            # Full blocks: gather the 8 bytes of every active string and reinterpret them as uint64.
+            block_bytes = data[(starts[active] + 8 * block)[:, None] + _BYTE_STEPS]
+            k = block_bytes.view("<u8").ravel().astype(np.uint64)
+            k *= _M_U64
+            k ^= k >> _R_U64
+            k *= _M_U64
+            h[active] ^= k
+            h[active] *= _M_U64
+        rem = lengths - 8 * nblocks
+        has_tail = rem > 0
+        if has_tail.any():
+            tail = _gather_u64(data, (starts + 8 * nblocks)[has_tail], rem[has_tail])
+            h[has_tail] ^= tail
+            h[has_tail] *= _M_U64
+        h ^= h >> _R_U64
+        h *= _M_U64
+        h ^= h >> _R_U64
+    return h
+
+
+def _where(feature: FeatureConfig, column: str | None, source: str | None) -> str:
+    """Human-readable location for error messages: feature, column, file."""
+    col = column or feature.name
+    text = f"feature {feature.name!r} (column {col!r})" if col != feature.name else f"column {col!r}"
+    return f"{text} in {source}" if source else text
+
+
+def check_feature(feature: FeatureConfig) -> None:
+    """Reject a feature configuration that cannot map ids, before any file is read."""
+    if feature.hash_type == "farm":
+        raise NotImplementedError(f"feature {feature.name!r}: {FARM_NOT_IMPLEMENTED}")
+    if feature.hash_type not in ("none", "murmur"):
+        raise ValueError(f"feature {feature.name!r}: unknown hash_type {feature.hash_type!r}")
+    if feature.hash_bucket_size < 0:
+        raise ValueError(f"feature {feature.name!r}: hash_bucket_size must be >= 0")
+    if feature.hash_type == "none" and feature.hash_bucket_size == 0 and feature.num_embeddings <= 0:
+        raise ValueError(
+            f"feature {feature.name!r} has integer ids without hash_bucket_size: set num_embeddings "
+            "(ids must lie in [0, num_embeddings)) or a hash_bucket_size"
+        )
+
+
+def is_supported_leaf(leaf: pa.DataType) -> bool:
+    return pa.types.is_integer(leaf) or pa.types.is_string(leaf) or pa.types.is_large_string(leaf)
+
+
+def check_leaf_type(
+    feature: FeatureConfig, leaf: pa.DataType, column: str | None = None, source: str | None = None
+) -> None:
+    """Errors for a leaf type this feature cannot map (checked once per file, not per value)."""
+    where = _where(feature, column, source)
+    if not is_supported_leaf(leaf):
+        raise ValueError(f"{where}: values must be integers or strings, found Arrow type {leaf}")
+    if feature.hash_type == "none" and not pa.types.is_integer(leaf):
+        raise ValueError(
+            f"string {where} needs hash_type (e.g. hash_type = \"murmur\"): strings cannot be used as ids directly"
+        )
+
+
+def _to_int64(values: pa.Array, where: str) -> np.ndarray:
+    try:
+        ints = pc.cast(values, pa.int64(), safe=True)
+    except pa.ArrowInvalid as exc:  # uint64 beyond INT64_MAX
+        raise ValueError(f"{where}: integer id does not fit in int64 ({exc})") from exc
+    return ints.to_numpy(zero_copy_only=False)
+
+
+def _map_plain_ints(values: pa.Array, feature: FeatureConfig, where: str) -> np.ndarray:
+    ids = _to_int64(values, where)
+    if ids.size == 0:
+        return ids.astype(np.int64)
+    if feature.hash_bucket_size > 0:
+        lowest = int(ids.min())
+        if lowest < 0:
+            raise ValueError(
+                f"{where}: found id {lowest}; ids must be non-negative to be taken modulo "
+                f"hash_bucket_size {feature.hash_bucket_size} (or use hash_type = \"murmur\")"
+            )
+        return ids % feature.hash_bucket_size
+    bad = (ids < 0) | (ids >= feature.num_embeddings)
+    if bad.any():
+        value = int(ids[np.argmax(bad)])
+        raise ValueError(
+            f"{where}: id {value} is outside [0, {feature.num_embeddings}) (num_embeddings) and the feature "
+            "has no hash_bucket_size; set hash_bucket_size or a larger num_embeddings"
+        )
+    return ids
+
+
+def _map_murmur(values: pa.Array, feature: FeatureConfig) -> np.ndarray:
+    # Hash each distinct value once: real columns repeat a few values (behaviours, popular items) a lot.
+    encoded = pc.dictionary_encode(values)
+    distinct = encoded.dictionary
+    if pa.types.is_integer(distinct.type):
+        distinct = pc.cast(distinct, pa.string())  # decimal form, see the module docstring
+    hashes = murmurhash64a_strings(distinct)
+    if feature.hash_bucket_size > 0:
+        mapped = hashes % np.uint64(feature.hash_bucket_size)
+    else:
+        mapped = hashes & np.uint64(INT64_MAX)
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    return mapped.astype(np.int64)[indices]
+
+
+def map_ids(
+    values: pa.Array | pa.ChunkedArray,
+    feature: FeatureConfig,
+    column: str | None = None,
+    source: str | None = None,
+) -> np.ndarray:
+    """Embedding-row ids (``int64``) for a flat array of leaf values of ``feature``.
+
+    ``column`` and ``source`` (the file) only enrich error messages.
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    where = _where(feature, column, source)
+    check_feature(feature)
+    check_leaf_type(feature, values.type, column, source)
+    if values.null_count:
+        raise ValueError(f"{where}: contains null values; nulls are not allowed in id columns")
+    if feature.hash_type == "murmur":
+        return _map_murmur(values, feature)
+    return _map_plain_ints(values, feature, where)

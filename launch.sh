@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# One entry point for people and CI: sets up the pinned environment (once), then trains, tests, ...
+# Run `./launch.sh help` for the subcommands.
+set -euo pipefail
+
+# Work from the repo root whatever the caller's cwd: configs, data and the component path are relative to it.
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
+ROOT=$PWD
+
+VENV=${SEQREC_VENV:-$ROOT/.venv}
+VENV_PY=$VENV/bin/python
+STAMP=$VENV/.seqrec-deps-stamp
+SAMPLE_DATA=.cache/sample_data
+DEFAULT_CONFIG=configs/default.toml
+# Bump when the install procedure below changes, so existing environments are rebuilt.
+INSTALL_SCHEMA=1
+ENV_INSTALLED=0
+
+usage() {
+    cat <<'EOF'
+Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
+
+  ./launch.sh [CONFIG.toml] [--section.key=value ...]
+        Train (the default). CONFIG defaults to configs/default.toml; overrides pass through to
+        trainer.main. Makes the built-in sample data first, then runs the trainer under torchrun
+        through torchx (local_cwd scheduler): one rank per GPU, or 2 ranks on CPU.
+  ./launch.sh train [CONFIG.toml] [overrides...]
+        Same as above.
+  ./launch.sh test [PYTEST ARGS...]
+        Run the test suite (python -m pytest). This is the project's test command.
+  ./launch.sh setup
+        Only create/update the environment and check the dependency set.
+  ./launch.sh help | -h | --help
+        This text.
+
+The environment (.venv, or $SEQREC_VENV) is created on first use from the pins in setup.cfg and
+reused while those pins, the flavour and the Python version are unchanged.
+
+Environment variables:
+  SEQREC_VENV            where the virtual environment lives (default: ./.venv)
+  SEQREC_PYTHON          interpreter used to create it (default: python3, must be >= 3.11)
+  SEQREC_FLAVOUR         cpu | cuda (default: cuda when `nvidia-smi -L` lists a GPU, else cpu)
+  SEQREC_NPROC           ranks per node (default: number of GPUs on cuda, 2 on cpu)
+  SEQREC_TORCH_INDEX_URL extra pip index for torch (e.g. https://download.pytorch.org/whl/cpu)
+EOF
+}
+
+log() { printf 'launch.sh: %s\n' "$*" >&2; }
+die() { printf 'launch.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# Reads setup.cfg with configparser, so launch.sh never repeats a version pin.
+#   key FLAVOUR          -> hash of the dependency sections + flavour + Python version + install schema
+#   reqs GROUP [GROUP..] -> requirements, one per line; groups: torch base cpu cuda test nodeps
+DEPS_HELPER='
+import configparser, hashlib, json, re, sys
+
+cfg = configparser.ConfigParser(interpolation=None)
+if not cfg.read("setup.cfg"):
+    sys.exit("setup.cfg not found")
+
+def lines(section, key):
+    raw = cfg.get(section, key, fallback="")
+    return [l.strip() for l in raw.splitlines() if l.strip() and not l.strip().startswith("#")]
+
+def name(requirement):
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
+
+base = lines("options", "install_requires")
+groups = {
+    "torch": [r for r in base if name(r) == "torch"],
+    "base": base,
+    "cpu": lines("options.extras_require", "cpu"),
+    "cuda": lines("options.extras_require", "cuda"),
+    "test": lines("options.extras_require", "test"),
+    "nodeps": lines("seqrec", "no_deps_requires"),
+}
+command, args = sys.argv[1], sys.argv[2:]
+if command == "key":
+    payload = {"groups": groups, "flavour": args[0], "python": sys.version, "schema": args[1]}
+    print(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest())
+elif command == "reqs":
+    for group in args:
+        if not groups[group]:
+            sys.exit(f"setup.cfg defines no requirements for {group!r}")
+        print("\n".join(groups[group]))
+else:
+    sys.exit(f"unknown command {command}")
+'
+
+gpu_count() {
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        echo 0
+        return
+    fi
+    # grep -c prints 0 (and fails) when nothing matches; a broken driver must not hang the launch.
+    timeout 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+}
+
+detect_flavour() {
+    if [[ -n ${SEQREC_FLAVOUR:-} ]]; then
+        [[ $SEQREC_FLAVOUR == cpu || $SEQREC_FLAVOUR == cuda ]] \
+            || die "SEQREC_FLAVOUR must be cpu or cuda, got '$SEQREC_FLAVOUR'"
+        echo "$SEQREC_FLAVOUR"
+    elif (($(gpu_count) > 0)); then
+        echo cuda
+    else
+        echo cpu
+    fi
+}
+
+env_key() { "$VENV_PY" -c "$DEPS_HELPER" key "$1" "$INSTALL_SCHEMA"; }
+
+# Prints the requirements of the given setup.cfg groups, one per line.
+requirements() { "$VENV_PY" -c "$DEPS_HELPER" reqs "$@"; }
+
+pip_quiet() {
+    # -qq: errors only. Warnings (e.g. about unreachable extra indexes in a machine's pip config) are noise in CI logs.
+    PIP_PROGRESS_BAR=off "$VENV_PY" -m pip --disable-pip-version-check --no-input -qq "$@"
+}
+
+pip_install_groups() {
+    local out
+    local -a reqs
+    out=$(requirements "$@")
+    mapfile -t reqs <<<"$out"
+    pip_quiet install "${reqs[@]}"
+}
+
+create_venv() {
+    local python=${SEQREC_PYTHON:-python3}
+    command -v "$python" >/dev/null 2>&1 || die "$python not found; install Python 3.11 or set SEQREC_PYTHON"
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "$python is $("$python" --version 2>&1); Python >= 3.11 is required (set SEQREC_PYTHON)"
+    log "creating $VENV with $("$python" --version 2>&1)"
+    # --clear: a leftover venv whose interpreter is gone is rebuilt rather than patched.
+    "$python" -m venv --clear "$VENV"
+}
+
+# Removes the fbgemm build of the other flavour: both builds write the same fbgemm_gpu/ folder.
+remove_other_fbgemm() {
+    local flavour=$1 other=fbgemm-gpu wanted=fbgemm-gpu-cpu
+    if [[ $flavour == cuda ]]; then other=fbgemm-gpu-cpu wanted=fbgemm-gpu; fi
+    if "$VENV_PY" -m pip show -q "$other" >/dev/null 2>&1; then
+        log "removing $other (flavour is now $flavour)"
+        # The wanted build goes too: uninstalling the other one deleted files the two share.
+        pip_quiet uninstall -y "$other" "$wanted"
+    fi
+}
+
+install_env() {
+    local flavour=$1 with_test=$2 key
+    log "setting up $VENV (flavour $flavour); this takes a minute or two the first time"
+    "$VENV_PY" -c 'import sys' >/dev/null 2>&1 || create_venv
+    key=$(env_key "$flavour")
+    # A half-finished install must not look complete to the next run.
+    rm -f "$STAMP"
+    remove_other_fbgemm "$flavour"
+
+    # torch first and alone, pinned: later requirements then find it satisfied and cannot pull another build.
+    local -a torch_index=()
+    if [[ -n ${SEQREC_TORCH_INDEX_URL:-} ]]; then torch_index=(--extra-index-url "$SEQREC_TORCH_INDEX_URL"); fi
+    local out
+    out=$(requirements torch)
+    pip_quiet install "${torch_index[@]}" "$out"
+
+    local -a groups=(base "$flavour")
+    if ((with_test)); then groups+=(test); fi
+    pip_install_groups "${groups[@]}"
+    # torchrec's metadata requires the CUDA fbgemm-gpu; with deps it would overwrite fbgemm-gpu-cpu.
+    out=$(requirements nodeps)
+    local -a nodeps
+    mapfile -t nodeps <<<"$out"
+    pip_quiet install --no-deps "${nodeps[@]}"
+
+    "$VENV_PY" -m trainer.deps --flavour "$flavour" >&2 || die "the installed dependencies do not work (see above)"
+    if ((with_test)); then echo "$key test" >"$STAMP"; else echo "$key" >"$STAMP"; fi
+}
+
+# True when the stamp says $VENV already holds the pinned set (a test install also serves training).
+env_is_current() {
+    local flavour=$1 with_test=$2 key stamp
+    [[ -x $VENV_PY && -f $STAMP ]] || return 1
+    key=$(env_key "$flavour" 2>/dev/null) || return 1
+    stamp=$(<"$STAMP")
+    [[ $stamp == "$key test" || ($with_test == 0 && $stamp == "$key") ]]
+}
+
+# Makes sure $VENV holds the pinned set for this flavour; with_test=1 adds the test extra.
+ensure_env() {
+    local with_test=$1 flavour lock_fd
+    flavour=$(detect_flavour)
+    # The trainer's dependency check reads it: the flavour the environment was built for.
+    export SEQREC_FLAVOUR=$flavour
+    if ! env_is_current "$flavour" "$with_test"; then
+        mkdir -p "$(dirname "$VENV")" .cache
+        # Two launches at once (CI and a person) must not install into one venv concurrently; the second
+        # waits, then finds the stamp current.
+        exec {lock_fd}>.cache/venv.lock
+        if command -v flock >/dev/null 2>&1; then flock "$lock_fd"; fi
+        if ! env_is_current "$flavour" "$with_test"; then
+            # An environment that had the test extra keeps it, so `test` after a re-install stays instant.
+            if [[ -f $STAMP && $(<"$STAMP") == *" test" ]]; then with_test=1; fi
+            install_env "$flavour" "$with_test"
+            ENV_INSTALLED=1
+        fi
+        exec {lock_fd}>&-
+    fi
+    export VIRTUAL_ENV=$VENV
+    export PATH=$VENV/bin:$PATH
+}
+
+ensure_sample_data() {
+    "$VENV_PY" -m data.sample --out "$SAMPLE_DATA"
+}
+
+run_train() {
+    local config=$DEFAULT_CONFIG
+    if [[ $# -gt 0 && $1 == *.toml ]]; then
+        config=$1
+        shift
+    fi
+    [[ -f $config ]] || die "config not found: $config"
+    ensure_env 0
+    ensure_sample_data
+
+    local gpus=0 ranks cpus
+    if [[ $SEQREC_FLAVOUR == cuda ]]; then gpus=$(gpu_count); fi
+    if ((gpus > 0)); then ranks=${SEQREC_NPROC:-$gpus}; else ranks=${SEQREC_NPROC:-2}; fi
+    cpus=$(nproc)
+    local -a overrides=()
+    # torchx hands everything after `--` to the component's *script_args (the trainer's overrides).
+    if (($# > 0)); then overrides=(-- "$@"); fi
+    # For local schedulers `torchx run` waits, streams every rank's output to stderr and exits 1 when the
+    # job fails, so exec keeps both the logs and the exit status. log_dir keeps the per-rank logs.
+    exec "$VENV/bin/torchx" run -s local_cwd -cfg "log_dir=$ROOT/outputs/torchx_logs" \
+        trainer/component.py:train --config "$config" \
+        --nproc_per_node "$ranks" --cpu "$cpus" --gpu "$gpus" "${overrides[@]}"
+}
+
+run_tests() {
+    ensure_env 1
+    exec "$VENV_PY" -m pytest "$@"
+}
+
+main() {
+    local command=${1:-train}
+    case $command in
+        help | -h | --help)
+            usage
+            ;;
+        setup)
+            ensure_env 0
+            # A fresh install has just run the check; otherwise show it now.
+            if ((!ENV_INSTALLED)); then "$VENV_PY" -m trainer.deps; fi
+            ;;
+        test)
+            shift
+            run_tests "$@"
+            ;;
+        train)
+            shift
+            run_train "$@"
+            ;;
+        # plan | eval | export) later subcommands go here, each a run_<name> function that calls
+        # ensure_env first.
+        *.toml | --*)
+            run_train "$@"
+            ;;
+        *)
+            usage >&2
+            die "unknown subcommand '$command'"
+            ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,127 @@
+"""End to end through the real launchers: torchx (as ./launch.sh uses it) and torchrun, two gloo ranks.
+
+Each test spawns real processes; together they take about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.orc as orc
+import pytest
+
+from data.sample import SampleParams, ensure_sample_data
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Generous: two ranks importing torchrec on two cores take ~15 s before the first step.
+JOB_TIMEOUT_S = 240
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    return ensure_sample_data(out, SampleParams(users=1200, files=4, rows_per_stripe=64))
+
+
+def _run(cmd: list[str], timeout: float = JOB_TIMEOUT_S) -> tuple[subprocess.CompletedProcess[str], float]:
+    # The component runs `python` from PATH on the worker, as launch.sh arranges with the venv first.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def _torchrun(*trainer_args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
+        "-m", "trainer.main", *trainer_args,
+    ]  # fmt: skip
+
+
+def _losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_two_ranks_through_torchx_loss_falls(sample_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [
+        str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
+        "trainer/component.py:train", "--config", "configs/default.toml", "--nproc_per_node", "2", "--cpu", "2",
+        "--", f"--data.data_paths={sample_dir}", f"--train.output_dir={out}",
+        "--train.train_steps=30", "--train.log_steps=5",
+    ]  # fmt: skip
+    proc, _ = _run(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = _losses(out)
+    assert len(losses) == 6
+    # First window vs last window: a falling loss, by a margin no noise explains.
+    assert losses[-1] < losses[0] - 0.5, losses
+    logs = proc.stdout + proc.stderr
+    assert "finished after 30 steps" in logs
+    assert "EXACT_ROWWISE_ADAGRAD" in logs  # the CPU fallback is announced
+    # Both ranks finished and the resolved config was written next to the outputs.
+    assert logs.count("finished after 30 steps") == 2
+    assert (out / "config.toml").is_file()
+
+
+def test_epoch_run_on_unbalanced_ranks_ends_together(sample_dir: Path, tmp_path: Path) -> None:
+    # 4 files x stripes of 64 rows split over 2 ranks: the ranks hold different numbers of batches, and
+    # the run must still end on both (no rank waiting forever in a collective for the other).
+    out = tmp_path / "run"
+    proc, elapsed = _run(
+        _torchrun(
+            "--config", "configs/default.toml", f"--data.data_paths={sample_dir}", f"--train.output_dir={out}",
+            "--train.train_steps=0", "--train.train_epochs=1", "--data.batch_size=48", "--model.num_layers=1",
+        )
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("finished after") == 2
+
+
+def test_bad_config_key_fails_fast_with_the_key(tmp_path: Path) -> None:
+    proc, elapsed = _run(_torchrun("--config", "configs/default.toml", "--model.num_layer=3"))
+    assert proc.returncode != 0
+    assert "model.num_layer" in proc.stderr
+    assert elapsed < 60
+
+
+def test_missing_data_path_fails_with_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_folder"
+    proc, elapsed = _run(_torchrun("--config", "configs/default.toml", f"--data.data_paths={missing}"))
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr
+    assert elapsed < 120
+
+
+def test_one_rank_failing_mid_run_stops_the_job(sample_dir: Path, tmp_path: Path) -> None:
+    # Two files, one per rank; rank 1's file holds a negative item id deep inside, so rank 1 fails after
+    # training has started while rank 0 waits in a collective. The job must end, non-zero, naming the file.
+    data = tmp_path / "data"
+    data.mkdir()
+    table = orc.ORCFile(sorted(sample_dir.glob("*.orc"))[0]).read()
+    orc.write_table(table, data / "part-0.orc")
+    items = table.column("item_id").to_pylist()
+    items[200] = [[-5] for _ in items[200]]
+    bad = table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(items, table.schema.field("item_id").type))
+    orc.write_table(bad, data / "part-1.orc")
+
+    proc, elapsed = _run(
+        _torchrun(
+            "--config", "configs/default.toml", f"--data.data_paths={data}", f"--train.output_dir={tmp_path / 'o'}",
+            "--train.train_steps=0", "--train.train_epochs=3", "--data.read_threads=1", "--data.prefetch=1",
+        )
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "part-1.orc" in proc.stderr and "item_id" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < JOB_TIMEOUT_S

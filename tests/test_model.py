@@ -1,0 +1,158 @@
+"""Model pieces on a single process: loss against hand-computed cases, embeddings, shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data.batch import SequenceBatch
+from data.config import FeatureConfig
+from model.config import ModelConfig
+from model.loss import next_item_contrastive_loss, next_item_mask
+from model.seq2seq import Seq2SeqModel
+from model.sparse import EMBEDDING_INIT_STD, SparseArch
+
+
+def test_loss_pairs_position_t_with_target_t_plus_1() -> None:
+    # One user, 3 positions. Queries at t=0,1 must be matched with targets at t=1,2 (the seed used the
+    # reverse shift, which under causal attention rewards copying the input).
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    targets = torch.tensor([[[9.0, 9.0], [0.0, 1.0], [1.0, 0.0]]])
+    out = next_item_contrastive_loss(hidden, targets, torch.tensor([3]), torch.tensor([[7, 8, 9]]))
+    # Normalised queries [1,0],[0,1] vs keys [0,1],[1,0]: logits [[0,1],[1,0]], labels [0,1].
+    assert out.loss.item() == pytest.approx(math.log(1 + math.e), rel=1e-6)
+    assert out.hits.item() == 0
+    assert out.num_targets.item() == 2
+
+    hot = next_item_contrastive_loss(hidden, targets, torch.tensor([3]), torch.tensor([[7, 8, 9]]), temperature=0.5)
+    assert hot.loss.item() == pytest.approx(math.log(1 + math.e**2), rel=1e-6)
+
+
+def test_loss_hits_when_queries_point_at_their_next_item() -> None:
+    hidden = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [3.0, 3.0]]])
+    targets = torch.tensor([[[2.0, 2.0], [0.0, 2.0], [3.0, 0.0]]])
+    out = next_item_contrastive_loss(hidden, targets, torch.tensor([3]), torch.tensor([[1, 2, 3]]))
+    assert out.hits.item() == 2
+    assert out.loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_padding_is_neither_query_nor_target() -> None:
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    lengths = torch.tensor([4, 2])
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1]])
+    base = next_item_contrastive_loss(hidden, targets, lengths, ids)
+    assert base.num_targets.item() == 3 + 1
+
+    # Garbage in the padding of user 1 must change nothing.
+    hidden2, targets2 = hidden.clone(), targets.clone()
+    hidden2[1, 2:] = 1e3
+    targets2[1, 2:] = -1e3
+    other = next_item_contrastive_loss(hidden2, targets2, lengths, ids)
+    assert other.loss.item() == pytest.approx(base.loss.item(), rel=1e-6)
+
+    # And the loss equals the one computed by hand from the 4 real pairs only.
+    q = torch.stack([hidden[0, 0], hidden[0, 1], hidden[0, 2], hidden[1, 0]])
+    k = torch.stack([targets[0, 1], targets[0, 2], targets[0, 3], targets[1, 1]])
+    logits = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).t()
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(4))
+    assert base.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_next_item_mask_skips_positions_without_an_item() -> None:
+    mask = next_item_mask(torch.tensor([4]), torch.tensor([[3, -1, 5, 6]]))
+    assert mask.tolist() == [[False, True, True]]
+
+
+def test_same_item_false_negatives_can_be_masked() -> None:
+    # Two queries whose targets are the same item (id 9): without masking each is the other's negative.
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    targets = torch.tensor([[[0.0, 0.0], [1.0, 0.2]], [[0.0, 0.0], [1.0, 0.1]]])
+    lengths, ids = torch.tensor([2, 2]), torch.tensor([[1, 9], [2, 9]])
+    plain = next_item_contrastive_loss(hidden, targets, lengths, ids)
+    masked = next_item_contrastive_loss(hidden, targets, lengths, ids, mask_same_item=True)
+    assert plain.loss.item() > 0.5
+    # With the duplicate masked out, each row holds a single candidate: its own target.
+    assert masked.loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert masked.hits.item() == 2
+
+
+def test_empty_batch_gives_zero_loss_with_gradient() -> None:
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    out = next_item_contrastive_loss(hidden, hidden * 2, torch.tensor([1, 1]), torch.tensor([[1, -1, -1]] * 2))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.num_targets.item() == 0
+    assert hidden.grad is not None
+
+
+FEATURES = [
+    FeatureConfig(name="item_id", emb_dim=4, hash_bucket_size=10),
+    FeatureConfig(name="prev_item", emb_dim=4, hash_bucket_size=10, shard_name="item_id"),
+    FeatureConfig(name="cate_id", emb_dim=4, hash_bucket_size=5),
+]
+
+
+def _kjt(values_per_feature: list[list[list[int]]]) -> KeyedJaggedTensor:
+    """values_per_feature[f][bag] = ids of that bag (position)."""
+    lengths = [len(bag) for feature in values_per_feature for bag in feature]
+    values = [v for feature in values_per_feature for bag in feature for v in bag]
+    return KeyedJaggedTensor(
+        keys=[f.name for f in FEATURES],
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+    )
+
+
+def test_sparse_arch_mean_pools_positions_and_shares_tables() -> None:
+    arch = SparseArch(FEATURES)
+    tables = dict(arch.embedding_collection.embeddings.named_children())
+    assert sorted(tables) == ["cate_id", "item_id"]  # prev_item shares the item_id table
+    with torch.no_grad():
+        tables["item_id"].weight.copy_(torch.arange(40, dtype=torch.float32).view(10, 4))
+        tables["cate_id"].weight.copy_(-torch.arange(20, dtype=torch.float32).view(5, 4))
+    # 1 user x 3 positions: item [1], [2, 4], [] ; prev_item [], [1], [2] ; cate [0], [1, 2, 3], [4]
+    kjt = _kjt([[[1], [2, 4], []], [[], [1], [2]], [[0], [1, 2, 3], [4]]])
+    out = arch(kjt)
+    assert out.shape == (3, 4 + 4 + 4)
+    item = torch.arange(40.0).view(10, 4)
+    cate = -torch.arange(20.0).view(5, 4)
+    torch.testing.assert_close(out[0], torch.cat([item[1], torch.zeros(4), cate[0]]))
+    torch.testing.assert_close(out[1], torch.cat([(item[2] + item[4]) / 2, item[1], (cate[1] + cate[2] + cate[3]) / 3]))
+    torch.testing.assert_close(out[2], torch.cat([torch.zeros(4), item[2], cate[4]]))
+
+
+def test_sparse_arch_initialises_with_truncated_normal() -> None:
+    arch = SparseArch([FeatureConfig(name="item_id", emb_dim=64, hash_bucket_size=5000)])
+    weight = arch.embedding_collection.embeddings["item_id"].weight
+    assert weight.abs().max().item() <= 2 * EMBEDDING_INIT_STD + 1e-9
+    assert weight.std().item() == pytest.approx(EMBEDDING_INIT_STD * 0.88, rel=0.05)  # std of N truncated at 2σ
+
+
+def test_seq2seq_forward_backward_shapes() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=16, num_layers=2, nhead=2, dim_feedforward=32, dropout=0.0, emb_size=12)
+    model = Seq2SeqModel(FEATURES, cfg)
+    # 2 users x T=3 positions; user 1 has 2 real positions.
+    kjt = _kjt(
+        [
+            [[1], [2], [3], [4], [5], []],
+            [[0], [1], [2], [3], [4], []],
+            [[0], [1], [2], [3], [4], []],
+        ]
+    )
+    batch = SequenceBatch(kjt, seq_lengths=torch.tensor([3, 2]), item_ids=torch.tensor([[1, 2, 3], [4, 5, -1]]))
+    out = model(batch)
+    assert out.num_targets.item() == 3 and out.num_tokens.item() == 5 and out.num_samples.item() == 2
+    out.loss.backward()
+    grads = [p.grad for p in model.dense.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_model_builds_on_meta_without_allocating() -> None:
+    cfg = ModelConfig(hidden_size=1024, num_layers=8, nhead=8, dim_feedforward=1024, emb_size=512)
+    big = [FeatureConfig(name=n, emb_dim=128, hash_bucket_size=2_048_000) for n in ("a", "b", "c", "d")]
+    model = Seq2SeqModel(big, cfg, device=torch.device("meta"))
+    assert all(p.is_meta for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Distributed training: config, process group, sharding plan, training loop and torchx component."""

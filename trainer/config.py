@@ -1,0 +1,306 @@
+"""Job configuration: typed dataclasses per component, loaded from TOML with ``--section.key=value`` overrides.
+
+Every key is checked against the dataclass it lands in: an unknown key or a value of the wrong type is a
+``ConfigError`` that names the full key (``model.num_layers``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from data.config import DataConfig, FeatureConfig
+from model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class OptimConfig:
+    # Dense (transformer) parameters: AdamW, as in the seed.
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.01
+    dense_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    dense_eps: float = 1e-8
+    # Sparse (embedding) parameters: fbgemm's fused optimizer, applied inside the backward pass.
+    # "auto" = PARTIAL_ROWWISE_ADAM on CUDA, EXACT_ROWWISE_ADAGRAD on CPU (fbgemm has no CPU Adam kernel).
+    sparse_optimizer: Literal["auto", "partial_rowwise_adam", "exact_rowwise_adagrad", "exact_adagrad", "exact_sgd"] = (
+        "auto"
+    )
+    sparse_lr: float = 1e-3
+    sparse_weight_decay: float = 0.0
+    sparse_beta1: float = 0.9
+    sparse_beta2: float = 0.999
+    sparse_eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    # Stop after this many optimizer steps (0 = no step limit) ...
+    train_steps: int = 0
+    # ... or after this many passes over the data (0 = no epoch limit). At least one must be set.
+    train_epochs: int = 1
+    log_steps: int = 10
+    # Checkpoint interval, kept so the seed's settings can be written down; checkpoints are not written yet.
+    save_steps: int = 0
+    seed: int = 2025
+    # "auto": CUDA with NCCL when a GPU is visible, else CPU with gloo.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress_bar: bool = True
+    # Seconds a rank waits in a collective before giving up, so a crashed peer cannot hang the job.
+    collective_timeout_s: float = 300.0
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and type checking
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a TOML file, apply ``--section.key=value`` overrides, type-check and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(raw, key.split("."), value, key)
+    cfg = _build(JobConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``--model.num_layers=4`` -> ("model.num_layers", 4). Values are TOML literals; bare words are strings."""
+    text = item[2:] if item.startswith("--") else item
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like --section.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # unquoted strings such as paths
+    return key, parsed
+
+
+def _set_path(raw: dict[str, Any], parts: list[str], value: Any, full_key: str) -> None:
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, full_key)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override {full_key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, full_key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list[Any], part: str, full_key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {full_key}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(f"unknown config key {_join(prefix, unknown[0])!r} in {where}; known keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field (e.g. a feature's name) is missing
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of the allowed types ({hint})")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(v, item_hint, f"{key}.{i}") for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint in (int, str, bool):
+        # bool is a subclass of int in Python: `num_layers = true` must still be rejected.
+        if type(value) is not hint:
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint}")  # pragma: no cover - a bug in this file
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-field validation
+
+
+def validate(cfg: JobConfig) -> None:
+    """Checks that need more than one field; each message names the key to change."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _positive(
+        {
+            "data.batch_size": d.batch_size,
+            "data.seq_len": d.seq_len,
+            "data.read_threads": d.read_threads,
+            "data.prefetch": d.prefetch,
+            "model.hidden_size": m.hidden_size,
+            "model.num_layers": m.num_layers,
+            "model.nhead": m.nhead,
+            "model.dim_feedforward": m.dim_feedforward,
+            "train.log_steps": t.log_steps,
+            "optim.dense_lr": cfg.optim.dense_lr,
+            "optim.sparse_lr": cfg.optim.sparse_lr,
+            "model.temperature": m.temperature,
+            "train.collective_timeout_s": t.collective_timeout_s,
+        }
+    )
+    if d.seq_len < 2:
+        raise ConfigError("data.seq_len: next-item training needs at least 2 positions")
+    if not d.paths():
+        raise ConfigError("data.data_paths: no input files or folders given")
+    if not d.features:
+        raise ConfigError("data.features: at least one feature is required")
+    _validate_features(d.features)
+    dims = sorted({f.emb_dim for f in d.features})
+    if len(dims) > 1:
+        # One TorchRec EmbeddingCollection (one pipelined input dist) requires a single embedding width.
+        raise ConfigError(f"data.features: all features need the same emb_dim (EmbeddingCollection); got {dims}")
+    if d.item_feature not in {f.name for f in d.features}:
+        raise ConfigError(f"data.item_feature: {d.item_feature!r} is not one of the configured features")
+    emb_total = sum(f.emb_dim for f in d.features)
+    if m.emb_size != emb_total:
+        raise ConfigError(f"model.emb_size = {m.emb_size} but the features' emb_dim add up to {emb_total}")
+    if m.hidden_size % m.nhead:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.nhead ({m.nhead})")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.train_steps < 0 or t.train_epochs < 0:
+        raise ConfigError("train.train_steps and train.train_epochs must be >= 0")
+    if t.train_steps == 0 and t.train_epochs == 0:
+        raise ConfigError("set train.train_steps or train.train_epochs (both are 0: the run would never end)")
+    if len(cfg.optim.dense_betas) != 2:
+        raise ConfigError("optim.dense_betas must hold two numbers")
+
+
+def _positive(values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _validate_features(features: list[FeatureConfig]) -> None:
+    seen: set[str] = set()
+    tables: dict[str, FeatureConfig] = {}
+    for i, f in enumerate(features):
+        key = f"data.features.{i} ({f.name})"
+        if f.name in seen:
+            raise ConfigError(f"{key}: feature name {f.name!r} appears twice")
+        seen.add(f.name)
+        if f.emb_dim <= 0:
+            raise ConfigError(f"{key}.emb_dim must be > 0")
+        if f.hash_bucket_size < 0:
+            raise ConfigError(f"{key}.hash_bucket_size must be >= 0")
+        if f.hash_bucket_size == 0 and f.hash_type != "none":
+            # RecIS's bucket 0 means an unbounded 63-bit id in a dynamic table; a fixed TorchRec table
+            # would need a silent modulo, which we refuse (managed-collision tables come with sharding work).
+            raise ConfigError(
+                f"{key}: hash_bucket_size = 0 with hash_type = {f.hash_type!r} (unbounded ids) is not supported "
+                "yet; set a hash_bucket_size"
+            )
+        if f.table_rows <= 0:
+            raise ConfigError(f"{key}: set hash_bucket_size or num_embeddings (the table needs a row count)")
+        other = tables.setdefault(f.shard_name, f)
+        if (other.emb_dim, other.table_rows) != (f.emb_dim, f.table_rows):
+            raise ConfigError(
+                f"{key}: shares table {f.shard_name!r} with {other.name!r} but has another emb_dim or row count"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing the resolved config next to the run's outputs
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """TOML text of the resolved config (readable by ``load_config``)."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        lines += _dump_table(section.name, value)
+    return "\n".join(lines) + "\n"
+
+
+def _dump_table(name: str, obj: Any) -> list[str]:
+    scalars, tables = [], []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for item in value:
+                tables += ["", f"[[{name}.{f.name}]]"] + [
+                    f"{k.name} = {_toml_value(getattr(item, k.name))}" for k in dataclasses.fields(item)
+                ]
+        else:
+            scalars.append(f"{f.name} = {_toml_value(value)}")
+    return ["", f"[{name}]", *scalars, *tables]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf") if value == value else "nan"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,258 @@
+"""Start-up check that torch, fbgemm-gpu and torchrec form a matched set.
+
+A mismatched set does not fail cleanly: it shows up as an ``undefined symbol`` while fbgemm_gpu loads its
+shared libraries, or as a missing ``torch.ops.fbgemm.*`` op deep inside TorchRec. The trainer therefore calls
+:func:`check_dependencies` first thing, before it imports torchrec, and every problem found becomes one
+:class:`DependencyError` that says what is wrong and what to install.
+
+``python -m trainer.deps [--flavour cpu|cuda]`` runs the same check and prints ``OK`` with the versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+FLAVOURS = ("cpu", "cuda")
+
+# Both builds install into the same `fbgemm_gpu/` folder, so exactly one of them may be present.
+FBGEMM_CPU = "fbgemm-gpu-cpu"
+FBGEMM_CUDA = "fbgemm-gpu"
+
+# An op every fbgemm build registers and TorchRec's jagged tensors use; its absence means the libraries
+# did not load (or loaded from a build that does not match torch).
+PROBE_OP = "jagged_to_padded_dense"
+# An op with a CUDA kernel in the CUDA build and none in the CPU build: tells the two apart at run time.
+CUDA_PROBE_OP = "asynchronous_complete_cumsum"
+
+FIX_HINT = "Or run ./launch.sh setup, which installs the matched set into .venv."
+
+
+class DependencyError(RuntimeError):
+    """The installed packages cannot run the trainer; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class MatchedSet:
+    """torch, fbgemm and torchrec versions that were built against each other.
+
+    Versions are the exact pins to install; any patch release of the same major.minor is accepted.
+    """
+
+    label: str
+    torch: str
+    fbgemm: str
+    torchrec: str
+
+
+# The first entry is the default, pinned in setup.cfg (a test keeps the two in step). Others are the
+# combinations known to work on specific machines (DESIGN.md section 2).
+MATCHED_SETS: tuple[MatchedSet, ...] = (
+    MatchedSet("default", torch="2.13.0", fbgemm="1.8.0", torchrec="1.8.0"),
+    MatchedSet("lent GPU machine", torch="2.11.0", fbgemm="1.6.0", torchrec="1.6.1"),
+)
+DEFAULT_SET = MATCHED_SETS[0]
+
+# Other packages the trainer needs, with the requirement to install when missing.
+OTHER_REQUIREMENTS: dict[str, str] = {
+    "torchx": "torchx==0.7.0",
+    "pyarrow": "pyarrow>=16",
+}
+
+CHECKED_DISTRIBUTIONS = ("torch", FBGEMM_CPU, FBGEMM_CUDA, "torchrec", *OTHER_REQUIREMENTS)
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of the checked distributions that are installed (absent ones are left out)."""
+    versions: dict[str, str] = {}
+    for name in CHECKED_DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _series(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a version such as ``2.13.0+cpu``; None when it does not start with X.Y."""
+    match = re.match(r"^(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _same_series(installed: str, pinned: str) -> bool:
+    series = _series(installed)
+    return series is not None and series == _series(pinned)
+
+
+def _fbgemm_distribution(flavour: str | None) -> str:
+    return FBGEMM_CUDA if flavour == "cuda" else FBGEMM_CPU
+
+
+def _fbgemm_install(matched: MatchedSet, flavour: str | None) -> str:
+    if flavour is None:
+        return f"pip install {FBGEMM_CPU}=={matched.fbgemm} (CPU) or pip install {FBGEMM_CUDA}=={matched.fbgemm} (CUDA)"
+    return f"pip install {_fbgemm_distribution(flavour)}=={matched.fbgemm}"
+
+
+def _select_set(torch_version: str) -> MatchedSet | None:
+    return next((s for s in MATCHED_SETS if _same_series(torch_version, s.torch)), None)
+
+
+def _describe_sets() -> str:
+    return "; ".join(
+        f"torch {s.torch} + fbgemm-gpu[-cpu] {s.fbgemm} + torchrec {s.torchrec} ({s.label})" for s in MATCHED_SETS
+    )
+
+
+def _fbgemm_problems(installed: dict[str, str], matched: MatchedSet, flavour: str | None) -> list[str]:
+    has_cpu, has_cuda = FBGEMM_CPU in installed, FBGEMM_CUDA in installed
+    if has_cpu and has_cuda:
+        # Both wheels write fbgemm_gpu/; whichever was installed last silently owns some of the files.
+        keep = _fbgemm_distribution(flavour)
+        return [
+            f"both {FBGEMM_CPU} {installed[FBGEMM_CPU]} and {FBGEMM_CUDA} {installed[FBGEMM_CUDA]} are installed; "
+            f"they share the fbgemm_gpu/ folder. Fix: pip uninstall -y {FBGEMM_CPU} {FBGEMM_CUDA} && "
+            f"pip install {keep}=={matched.fbgemm}"
+        ]
+    if not has_cpu and not has_cuda:
+        return [f"fbgemm is not installed. Fix: {_fbgemm_install(matched, flavour)}"]
+    if flavour == "cuda" and has_cpu:
+        return [
+            f"the cuda flavour (GPU training) needs {FBGEMM_CUDA}, but the CPU-only build {FBGEMM_CPU} "
+            f"is installed. Fix: pip uninstall -y {FBGEMM_CPU} && pip install {FBGEMM_CUDA}=={matched.fbgemm} "
+            "(or set SEQREC_FLAVOUR=cpu to train on the CPU)"
+        ]
+    name = FBGEMM_CUDA if has_cuda else FBGEMM_CPU
+    if not _same_series(installed[name], matched.fbgemm):
+        return [
+            f"{name} {installed[name]} does not match torch {installed['torch']} (needs {matched.fbgemm}). "
+            f"Fix: pip install {name}=={matched.fbgemm}"
+        ]
+    return []
+
+
+def _torchrec_problems(installed: dict[str, str], matched: MatchedSet) -> list[str]:
+    # --no-deps: torchrec's metadata requires the CUDA fbgemm-gpu, which would overwrite fbgemm-gpu-cpu.
+    fix = f"Fix: pip install --no-deps torchrec=={matched.torchrec}"
+    version = installed.get("torchrec")
+    if version is None:
+        return [f"torchrec is not installed. {fix}"]
+    if not _same_series(version, matched.torchrec):
+        return [f"torchrec {version} does not match torch {installed['torch']} (needs {matched.torchrec}). {fix}"]
+    return []
+
+
+def check_versions(installed: dict[str, str], flavour: str | None = None) -> MatchedSet:
+    """Check installed distribution versions (name -> version) against the matched sets.
+
+    ``flavour`` is "cpu", "cuda" or None (either fbgemm build accepted). Returns the matched set in use;
+    raises DependencyError listing every problem otherwise.
+    """
+    if flavour is not None and flavour not in FLAVOURS:
+        raise DependencyError(f"unknown flavour {flavour!r}; expected one of {', '.join(FLAVOURS)}")
+    torch_version = installed.get("torch")
+    if torch_version is None:
+        raise DependencyError(f"torch is not installed. Fix: pip install torch=={DEFAULT_SET.torch}\n{FIX_HINT}")
+    matched = _select_set(torch_version)
+    if matched is None:
+        raise DependencyError(
+            f"torch {torch_version} is not part of a supported set ({_describe_sets()}). "
+            f"Fix: pip install torch=={DEFAULT_SET.torch}\n{FIX_HINT}"
+        )
+    problems = _fbgemm_problems(installed, matched, flavour) + _torchrec_problems(installed, matched)
+    problems += [
+        f"{name} is not installed. Fix: pip install '{requirement}'"
+        for name, requirement in OTHER_REQUIREMENTS.items()
+        if name not in installed
+    ]
+    if problems:
+        raise DependencyError("\n".join(["dependency check failed:", *(f"- {p}" for p in problems), FIX_HINT]))
+    return matched
+
+
+def _import(module: str, matched: MatchedSet) -> None:
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError) as error:
+        # An `undefined symbol` here means the shared libraries were built against another torch.
+        raise DependencyError(
+            f"import {module} failed: {error}\nThe installed torch/fbgemm/torchrec are not a matched set "
+            f"(expected torch {matched.torch}, fbgemm {matched.fbgemm}, torchrec {matched.torchrec}). "
+            f"Reinstall them together.\n{FIX_HINT}"
+        ) from error
+
+
+def _check_fbgemm_ops(matched: MatchedSet, flavour: str) -> None:
+    import fbgemm_gpu
+    import torch
+
+    if not hasattr(torch.ops.fbgemm, PROBE_OP):
+        raise DependencyError(
+            f"fbgemm_gpu imported but torch.ops.fbgemm.{PROBE_OP} is missing: its libraries did not load. "
+            f"Reinstall {_fbgemm_install(matched, flavour)}.\n{FIX_HINT}"
+        )
+    if flavour != "cuda":
+        return
+    variant = getattr(fbgemm_gpu, "__variant__", "INTERNAL")
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"fbgemm::{CUDA_PROBE_OP}", "CUDA")
+    if variant not in ("cuda", "rocm", "INTERNAL") or not has_cuda_kernel:
+        raise DependencyError(
+            f"fbgemm_gpu is the {variant!r} build without CUDA kernels, but CUDA is in use. "
+            f"Fix: pip uninstall -y {FBGEMM_CPU} {FBGEMM_CUDA} && pip install {FBGEMM_CUDA}=={matched.fbgemm}"
+            f"\n{FIX_HINT}"
+        )
+
+
+def _detect_flavour() -> str:
+    # SEQREC_FLAVOUR is what launch.sh built the environment for; it also lets a GPU machine run on CPU.
+    requested = os.environ.get("SEQREC_FLAVOUR")
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_dependencies(flavour: str | None = None) -> MatchedSet:
+    """Check versions, then that fbgemm_gpu and torchrec import and register their ops.
+
+    ``flavour`` defaults to $SEQREC_FLAVOUR, else "cuda" when torch sees a GPU, else "cpu".
+    Raises DependencyError with what to install; returns the matched set in use.
+    """
+    installed = installed_versions()
+    if flavour is None and "torch" in installed:
+        _import("torch", DEFAULT_SET)
+        flavour = _detect_flavour()
+    matched = check_versions(installed, flavour)
+    assert flavour is not None  # check_versions raised if torch was missing
+    _import("fbgemm_gpu", matched)
+    _check_fbgemm_ops(matched, flavour)
+    _import("torchrec", matched)
+    logger.debug("dependencies OK: %s (flavour %s)", installed, flavour)
+    return matched
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check that torch, fbgemm-gpu and torchrec are a matched set.")
+    parser.add_argument("--flavour", choices=FLAVOURS, default=None, help="default: $SEQREC_FLAVOUR or auto-detect")
+    args = parser.parse_args(argv)
+    try:
+        matched = check_dependencies(args.flavour)
+    except DependencyError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 1
+    versions = ", ".join(f"{name} {version}" for name, version in installed_versions().items())
+    print(f"OK ({matched.label} set): {versions}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Entry point, one process per rank: ``torchrun ... -m trainer.main --config configs/default.toml [--a.b=c ...]``.
+
+Usually started through ``./launch.sh`` (torchx). Exit codes: 0 done, 2 bad config, 3 missing or broken
+dependencies, 1 anything else. A failing rank exits non-zero at once, so torchrun stops its peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from trainer.config import ConfigError, JobConfig, dump_config, load_config
+
+logger = logging.getLogger("trainer")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.main",
+        description="Train a sequential recommender. Unknown --section.key=value arguments override the config.",
+    )
+    parser.add_argument("--config", default="configs/default.toml", help="TOML config file")
+    parser.add_argument(
+        "--check-config", action="store_true", help="load and validate the config, print it resolved, and exit"
+    )
+    return parser.parse_known_args(argv)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    # WARNING at the root: fbgemm logs every table's arguments at INFO through the root logger, and
+    # TorchRec its planner tables on every rank. Our own packages log at INFO.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for ours in ("trainer", "data", "model"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    # Notes meant for TorchRec's own developers (deprecations inside TorchRec, fx tracing internals).
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        # Every rank sees the same config; one message is enough.
+        if is_rank0:
+            logger.error("bad config: %s", e)
+        return 2
+    if args.check_config:
+        print(dump_config(cfg), end="")
+        return 0
+
+    from trainer.deps import DependencyError, check_dependencies
+
+    try:
+        check_dependencies()
+    except DependencyError as e:
+        if is_rank0:
+            logger.error("%s", e)
+        return 3
+    return _run(cfg)
+
+
+def _run(cfg: JobConfig) -> int:
+    # Imported late: torchrec takes seconds to import, and config errors should not wait for it.
+    from trainer.dist import destroy_distributed, init_distributed
+    from trainer.metrics import NonFiniteLossError
+    from trainer.trainer import Trainer
+
+    try:
+        ctx = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+        Trainer(cfg, ctx).train()
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+        # Bad input (data files, values, settings): the message names what to fix; no traceback needed.
+        logger.error("%s: %s", type(e).__name__, e)
+        return 1
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
