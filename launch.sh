@@ -221,6 +221,9 @@ run_train() {
     fi
     [[ -f $config ]] || die "config not found: $config"
     ensure_env 0
+    # Check the config and overrides here, in a second and without torch: a typo then fails before
+    # torchx and torchrun start, with the trainer's message naming the key.
+    "$VENV_PY" -m trainer.main --config "$config" --check-config "$@" >/dev/null || exit 2
     ensure_sample_data
 
     local gpus=0 ranks cpus
