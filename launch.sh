@@ -261,7 +261,8 @@ main() {
             run_tests "$@"
             ;;
         train)
-            shift
+            # Bare `./launch.sh` lands here with no argument to drop.
+            if (($# > 0)); then shift; fi
             run_train "$@"
             ;;
         # plan | eval | export) later subcommands go here, each a run_<name> function that calls
