@@ -26,6 +26,24 @@ class FeatureConfig:
     num_embeddings: int = 0
     # Features with the same shard_name share one embedding table (seed semantics).
     shard_name: str = ""
+    # --- Sharding constraints of this feature's table, read by TorchRec's planner (trainer/sharding.py).
+    # Features sharing a table must not disagree. Empty / 0 leaves the choice to the planner.
+    # Allowed sharding types: "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise".
+    sharding_types: list[str] = field(default_factory=list)
+    # Allowed compute kernels: "fused", "fused_uvm", "fused_uvm_caching", "dense" (CPU runs use "fused", and
+    # "dense" only for data_parallel: see trainer/sharding.py).
+    compute_kernels: list[str] = field(default_factory=list)
+    # Share of the table's rows kept in the HBM cache with fused_uvm_caching (0 = planner default, 0.2).
+    cache_load_factor: float = 0.0
+    # Ids per bag (per position) the planner assumes when it estimates communication and lookups.
+    pooling_factor: float = 1.0
+    # --- Managed collisions (hash_bucket_size = 0 with a hash: unbounded 63-bit ids, RecIS's dynamic table).
+    # Table rows: ids are admitted into these slots (MCH, no collisions) until they are full; then the
+    # eviction policy frees slots of rarely/long-unseen ids every mc_eviction_interval steps.
+    mc_capacity: int = 0
+    mc_eviction_policy: Literal["distance_lfu", "lfu", "lru"] = "distance_lfu"
+    # Training steps between admissions/evictions (new ids map to the table's last row until admitted).
+    mc_eviction_interval: int = 1
 
     def __post_init__(self) -> None:
         if not self.shard_name:
@@ -34,7 +52,14 @@ class FeatureConfig:
     @property
     def table_rows(self) -> int:
         """Row count of the embedding table this feature looks up."""
+        if self.managed_collision:
+            return self.mc_capacity
         return self.hash_bucket_size if self.hash_bucket_size > 0 else self.num_embeddings
+
+    @property
+    def managed_collision(self) -> bool:
+        """Hashed ids without a bucket: unbounded 63-bit ids, mapped to rows by a managed-collision module."""
+        return self.hash_bucket_size == 0 and self.hash_type != "none"
 
 
 @dataclass
@@ -57,6 +82,13 @@ class DataConfig:
     check_length: bool = False
     # Feature whose ids are the prediction targets (used to mask same-item false negatives).
     item_feature: str = "item_id"
+    # Seeded, reproducible shuffle: unit (stripe / row group) order per epoch, plus rows permuted within
+    # windows of at least shuffle_buffer rows (0 = unit order only). Same seed, same batches.
+    shuffle: bool = False
+    shuffle_buffer: int = 0
+    shuffle_seed: int = 0
+    # A user with no positions at all: "skip" (counted, logged as a warning) or "error".
+    empty_sequences: Literal["skip", "error"] = "skip"
     features: list[FeatureConfig] = field(default_factory=list)
 
     def paths(self) -> list[str]:

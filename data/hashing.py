@@ -9,7 +9,9 @@ RecIS semantics (``varlen_feature(name, hash_type, hash_bucket_size)``), see DES
   maps through a managed-collision module). Integer leaves are hashed through their decimal string form
   (``123`` hashes like ``"123"``): RecIS hashes the string form of a value, so the same id gives the same
   row whether a file stores it as a number or as text.
-* ``hash_type="farm"``: FarmHash Fingerprint64, not implemented yet.
+* ``hash_type="farm"``: FarmHash ``Fingerprint64`` (``farmhashna::Hash64`` of Google's farmhash, the
+  function TensorFlow's and BigQuery's ``FARM_FINGERPRINT`` use) over the UTF-8 bytes, then the same
+  ``% bucket`` / ``& INT64_MAX`` as murmur. Integers hash through their decimal form, as for murmur.
 
 Everything here works on whole Arrow/numpy arrays: strings are hashed once per *distinct* value, and the
 hash itself runs as numpy ``uint64`` arithmetic over all strings at once, one step per 8-byte block.
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.config import FeatureConfig
+from data.farmhash import ByteWindows, farm_fingerprint64_strings, string_buffers
 
 INT64_MAX = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
@@ -31,9 +34,7 @@ _M = 0xC6A4A7935BD1E995
 _R = 47
 _M_U64 = np.uint64(_M)
 _R_U64 = np.uint64(_R)
-_BYTE_STEPS = np.arange(8)
 
-FARM_NOT_IMPLEMENTED = "farm hashing (FarmHash Fingerprint64) is not implemented yet; use murmur"
 
 
 def murmurhash64a(data: bytes, seed: int = 0) -> int:
@@ -63,63 +64,38 @@ def murmurhash64a(data: bytes, seed: int = 0) -> int:
     return h
 
 
-def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start offset and byte length of every string, and the raw UTF-8 byte buffer they index."""
-    offset_type = np.int64 if pa.types.is_large_string(strings.type) else np.int32
-    buffers = strings.buffers()
-    offsets = np.frombuffer(buffers[1], dtype=offset_type)[strings.offset : strings.offset + len(strings) + 1]
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
-    return offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64), data
-
-
-def _gather_u64(data: np.ndarray, positions: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-    """Little-endian uint64 of the ``nbytes[j]`` (<= 8) bytes at ``positions[j]``; missing bytes are zero.
-
-    Reading byte by byte (instead of viewing 8 bytes as one uint64) never reads past the buffer's end and
-    needs no alignment.
-    """
-    out = np.zeros(len(positions), dtype=np.uint64)
-    for i in range(8):
-        take = nbytes > i
-        if not take.any():
-            break
-        out[take] |= data[positions[take] + i].astype(np.uint64) << np.uint64(8 * i)
-    return out
-
-
 def murmurhash64a_strings(strings: pa.Array, seed: int = 0) -> np.ndarray:
     """MurmurHash64A of every string of a (non-null) string/large_string array, as ``uint64``.
 
     All strings advance together one 8-byte block per step (a mask selects the strings that still have a
-    full block), so the Python loop runs ``max_len / 8`` times, never once per string.
+    full block, skipped while all do), so the Python loop runs ``max_len / 8`` times, never once per string.
     """
     if strings.null_count:
         raise ValueError("cannot hash null strings")
     n = len(strings)
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    starts, lengths, data = _string_buffers(strings)
-    ulen = lengths.astype(np.uint64)
+    starts, lengths, data = string_buffers(strings)
+    words = ByteWindows(data).w64
     # uint64 array arithmetic wraps modulo 2**64, which is exactly the hash's arithmetic.
     with np.errstate(over="ignore"):
-        h = np.uint64(seed) ^ (ulen * _M_U64)
+        h = np.uint64(seed) ^ (lengths.astype(np.uint64) * _M_U64)
         nblocks = lengths // 8
+        fewest = int(nblocks.min())
         for block in range(int(nblocks.max())):
-            active = nblocks > block
-            # Full blocks: gather the 8 bytes of every active string and reinterpret them as uint64.
-            block_bytes = data[(starts[active] + 8 * block)[:, None] + _BYTE_STEPS]
-            k = block_bytes.view("<u8").ravel().astype(np.uint64)
+            active = slice(None) if block < fewest else nblocks > block
+            k = words[starts[active] + 8 * block].astype(np.uint64)
             k *= _M_U64
             k ^= k >> _R_U64
             k *= _M_U64
             h[active] ^= k
             h[active] *= _M_U64
-        rem = lengths - 8 * nblocks
-        has_tail = rem > 0
-        if has_tail.any():
-            tail = _gather_u64(data, (starts + 8 * nblocks)[has_tail], rem[has_tail])
-            h[has_tail] ^= tail
-            h[has_tail] *= _M_U64
+        rem = (lengths - 8 * nblocks).astype(np.uint64)
+        # The reference XORs the 1..7 tail bytes in little-endian order: one masked 8-byte load.
+        tail = words[starts + 8 * nblocks] & ((np.uint64(1) << (rem * np.uint64(8))) - np.uint64(1))
+        has_tail = slice(None) if rem.min() > 0 else rem > 0
+        h[has_tail] ^= tail[has_tail]
+        h[has_tail] *= _M_U64
         h ^= h >> _R_U64
         h *= _M_U64
         h ^= h >> _R_U64
@@ -135,9 +111,7 @@ def _where(feature: FeatureConfig, column: str | None, source: str | None) -> st
 
 def check_feature(feature: FeatureConfig) -> None:
     """Reject a feature configuration that cannot map ids, before any file is read."""
-    if feature.hash_type == "farm":
-        raise NotImplementedError(f"feature {feature.name!r}: {FARM_NOT_IMPLEMENTED}")
-    if feature.hash_type not in ("none", "murmur"):
+    if feature.hash_type not in ("none", "murmur", "farm"):
         raise ValueError(f"feature {feature.name!r}: unknown hash_type {feature.hash_type!r}")
     if feature.hash_bucket_size < 0:
         raise ValueError(f"feature {feature.name!r}: hash_bucket_size must be >= 0")
@@ -195,19 +169,38 @@ def _map_plain_ints(values: pa.Array, feature: FeatureConfig, where: str) -> np.
     return ids
 
 
-def _map_murmur(values: pa.Array, feature: FeatureConfig) -> np.ndarray:
-    # Hash each distinct value once: real columns repeat a few values (behaviours, popular items) a lot.
-    encoded = pc.dictionary_encode(values)
-    distinct = encoded.dictionary
-    if pa.types.is_integer(distinct.type):
-        distinct = pc.cast(distinct, pa.string())  # decimal form, see the module docstring
-    hashes = murmurhash64a_strings(distinct)
+# Distinct share of a sample above which hashing every value beats dictionary-encoding first (measured:
+# encoding costs about as much per value as hashing a short string).
+_DEDUP_MAX_DISTINCT_SHARE = 0.5
+_DEDUP_SAMPLE = 512
+
+
+def _mostly_repeated(values: pa.Array) -> bool:
+    sample = values.slice(0, _DEDUP_SAMPLE)
+    return pc.count_distinct(sample).as_py() <= _DEDUP_MAX_DISTINCT_SHARE * len(sample)
+
+
+def _hash(strings: pa.Array, hash_type: str) -> np.ndarray:
+    if pa.types.is_integer(strings.type):
+        strings = pc.cast(strings, pa.string())  # decimal form, see the module docstring
+    return farm_fingerprint64_strings(strings) if hash_type == "farm" else murmurhash64a_strings(strings)
+
+
+def _map_hashed(values: pa.Array, feature: FeatureConfig) -> np.ndarray:
+    # Hash each distinct value once when values repeat a lot (behaviours, popular items); columns of mostly
+    # distinct values (timestamps) are hashed directly.
+    if _mostly_repeated(values):
+        encoded = pc.dictionary_encode(values)
+        hashes = _hash(encoded.dictionary, feature.hash_type)
+        indices = encoded.indices.to_numpy(zero_copy_only=False)
+    else:
+        hashes, indices = _hash(values, feature.hash_type), None
     if feature.hash_bucket_size > 0:
         mapped = hashes % np.uint64(feature.hash_bucket_size)
     else:
         mapped = hashes & np.uint64(INT64_MAX)
-    indices = encoded.indices.to_numpy(zero_copy_only=False)
-    return mapped.astype(np.int64)[indices]
+    mapped = mapped.astype(np.int64)
+    return mapped if indices is None else mapped[indices]
 
 
 def map_ids(
@@ -227,6 +220,6 @@ def map_ids(
     check_leaf_type(feature, values.type, column, source)
     if values.null_count:
         raise ValueError(f"{where}: contains null values; nulls are not allowed in id columns")
-    if feature.hash_type == "murmur":
-        return _map_murmur(values, feature)
+    if feature.hash_type in ("murmur", "farm"):
+        return _map_hashed(values, feature)
     return _map_plain_ints(values, feature, where)

@@ -1,15 +1,16 @@
 """Read ORC/Parquet sequence files into ``SequenceBatch`` es (RecIS ``OrcDataset`` + ``SequenceTruncate``).
 
-The pipeline has four stages, each a plain function so that later features (resumable state, shuffle
-buffer, remote filesystems, worker sharding) can replace one stage without touching the others:
+The pipeline has four stages, each a plain function or method so that one can change without the others:
 
-1. **plan**: ``list_input_files`` + ``enumerate_units`` turn ``cfg.data_paths`` into an ordered list of
-   ``ReadUnit`` (one ORC stripe or Parquet row group each), validating every file's schema up front;
-   ``assign_units`` gives unit i to rank ``i % world_size``.
-2. **decode** (``decode_unit``, runs in worker threads): read the feature columns of one unit, check nulls,
-   truncate to ``seq_len``, map values to ids, drop users without positions -> ``RowBlock``.
-3. **assemble** (``SequenceReader._batches``): cut the ordered stream of row blocks into batches of
-   ``batch_size`` users, across unit boundaries, per epoch.
+1. **plan**: ``list_input_files`` + ``enumerate_units`` turn ``cfg.data_paths`` (local paths or URIs, see
+   ``data.fs``) into an ordered list of ``ReadUnit`` (one ORC stripe or Parquet row group each), validating
+   every file's schema up front; ``assign_units`` gives unit i to rank ``i % world_size`` (after a seeded
+   per-epoch permutation when ``cfg.shuffle``).
+2. **decode** (``decode_unit``, runs in worker threads, one unit per task): read the feature columns of one
+   unit, check nulls, truncate to ``seq_len``, map values to ids, drop users without positions -> ``RowBlock``.
+3. **assemble** (``SequenceReader._batches``): group units into windows (permuted when a shuffle buffer is
+   set), cut the ordered stream of rows into batches of ``batch_size`` users across unit boundaries, per
+   epoch, and tag every batch with the ``Position`` after it (the resumable state).
 4. **build** (``build_batch``): pad a batch to its longest user and lay it out as a KJT with one bag per
    position (see ``SequenceBatch``).
 
@@ -22,16 +23,17 @@ import itertools
 import logging
 import queue
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.orc as orc
 import pyarrow.parquet as pq
 import torch
@@ -39,6 +41,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import SequenceBatch
 from data.config import DataConfig, FeatureConfig
+from data.fs import Location, resolve
 from data.hashing import check_feature, check_leaf_type, is_supported_leaf, map_ids
 
 logger = logging.getLogger(__name__)
@@ -54,22 +57,28 @@ _EXTENSIONS: dict[str, FileFormat] = {".orc": "orc", ".parquet": "parquet", ".pa
 class ReadUnit:
     """The smallest piece of input a rank reads on its own: one ORC stripe or one Parquet row group."""
 
-    path: str
+    path: str  # as shown in messages: a local path or a URI
     fmt: FileFormat
     index: int
+    # Where to open it (None: ``path`` on the local filesystem). Not part of the unit's identity.
+    fs: pafs.FileSystem | None = field(default=None, compare=False, repr=False)
+    fs_path: str = field(default="", compare=False, repr=False)
 
     @property
     def label(self) -> str:
         kind = "stripe" if self.fmt == "orc" else "row group"
         return f"{self.path} ({kind} {self.index})"
 
+    def open(self) -> str | pa.NativeFile:
+        return self.path if self.fs is None else self.fs.open_input_file(self.fs_path)
 
-def _is_marker(path: Path) -> bool:
+
+def _is_marker(name: str) -> bool:
     # Hidden files (.crc, .DS_Store) and job markers (_SUCCESS, _committed_*, our sample marker) are not data.
-    return path.name.startswith((".", "_"))
+    return name.startswith((".", "_"))
 
 
-def _format_of(path: Path, file_format: str) -> FileFormat | None:
+def _format_of(path: PurePath, file_format: str) -> FileFormat | None:
     by_extension = _EXTENSIONS.get(path.suffix.lower())
     if file_format == "auto":
         return by_extension
@@ -79,33 +88,47 @@ def _format_of(path: Path, file_format: str) -> FileFormat | None:
     return None
 
 
+def _list_folder(folder: Location, file_format: str) -> list[tuple[str, FileFormat]]:
+    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=False))
+    found = []
+    for info in sorted(infos, key=lambda i: i.path):
+        fmt = _format_of(PurePath(info.base_name), file_format)
+        if info.type == pafs.FileType.File and not _is_marker(info.base_name) and fmt:
+            found.append((folder.child(info.path).shown, fmt))
+    return found
+
+
 def list_input_files(cfg: DataConfig) -> list[tuple[str, FileFormat]]:
-    """Files named by ``cfg.data_paths`` (folders expand to their data files, sorted by name)."""
+    """Files named by ``cfg.data_paths`` (folders expand to their data files, sorted by name).
+
+    Paths may be local or URIs of any filesystem ``data.fs.resolve`` serves (``s3://``, ``gs://``, ...).
+    """
     paths = cfg.paths()
     if not paths:
         raise ValueError("data_paths is empty: name at least one ORC/Parquet file or folder")
     files: list[tuple[str, FileFormat]] = []
     for raw in paths:
-        path = Path(raw)
-        if not path.exists():
+        location = resolve(raw)
+        try:
+            info = location.fs.get_file_info(location.path)
+        except OSError as exc:
+            raise OSError(f"cannot access data path {raw}: {exc}") from exc
+        if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"data path does not exist: {raw}")
-        if path.is_dir():
-            found = [
-                (str(p), fmt)
-                for p in sorted(path.iterdir())
-                if p.is_file() and not _is_marker(p) and (fmt := _format_of(p, cfg.file_format))
-            ]
+        if info.type == pafs.FileType.Directory:
+            found = _list_folder(location, cfg.file_format)
             if not found:
                 raise ValueError(f"data folder {raw} contains no .orc or .parquet files")
             files.extend(found)
         else:
             # A file named explicitly is read in the configured format whatever its extension.
-            fmt = _format_of(path, "auto") if cfg.file_format == "auto" else cfg.file_format
+            name = PurePath(location.path)
+            fmt = _format_of(name, "auto") if cfg.file_format == "auto" else cfg.file_format
             if fmt is None:
                 raise ValueError(
                     f"cannot tell the format of {raw} from its extension; name it .orc/.parquet or set file_format"
                 )
-            files.append((str(path), fmt))
+            files.append((location.shown, fmt))
     return files
 
 
@@ -126,20 +149,26 @@ def leaf_type(column_type: pa.DataType, feature: FeatureConfig, column: str, sou
     return leaf
 
 
-def _file_schema_and_units(path: str, fmt: FileFormat) -> tuple[pa.Schema, int]:
+def _open_file(source: str | pa.NativeFile, fmt: FileFormat) -> orc.ORCFile | pq.ParquetFile:
+    return orc.ORCFile(source) if fmt == "orc" else pq.ParquetFile(source)
+
+
+def _file_schema_and_units(source: str | pa.NativeFile, fmt: FileFormat) -> tuple[pa.Schema, int]:
+    handle = _open_file(source, fmt)
     if fmt == "orc":
-        reader = orc.ORCFile(path)
-        return reader.schema, reader.nstripes
-    parquet = pq.ParquetFile(path)
-    return parquet.schema_arrow, parquet.metadata.num_row_groups
+        return handle.schema, handle.nstripes
+    return handle.schema_arrow, handle.metadata.num_row_groups
 
 
 def enumerate_units(files: list[tuple[str, FileFormat]], features: list[FeatureConfig]) -> list[ReadUnit]:
     """All units of all files in a fixed order (file order, then stripe order); validates each schema."""
     units: list[ReadUnit] = []
     for path, fmt in files:
+        location = resolve(path)
+        fs = None if location.local else location.fs
         try:
-            schema, count = _file_schema_and_units(path, fmt)
+            source = path if fs is None else fs.open_input_file(location.path)
+            schema, count = _file_schema_and_units(source, fmt)
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"cannot read {fmt} file {path}: {exc}") from exc
         for feature in features:
@@ -147,7 +176,7 @@ def enumerate_units(files: list[tuple[str, FileFormat]], features: list[FeatureC
             if index < 0:
                 raise ValueError(f"column {feature.name!r} is missing in {path} (columns: {schema.names})")
             leaf_type(schema.field(index).type, feature, feature.name, path)
-        units.extend(ReadUnit(path, fmt, i) for i in range(count))
+        units.extend(ReadUnit(path, fmt, i, fs, location.path) for i in range(count))
     return units
 
 
@@ -173,16 +202,26 @@ class FeatureRows:
     positions: np.ndarray  # [N] positions per user
     bag_lengths: np.ndarray  # [P] values per position
     values: np.ndarray  # [V] int64 ids
+    # Exclusive prefix sums of positions / bag_lengths ([N+1] / [P+1]); computed when not given.
+    pos_offsets: np.ndarray | None = field(default=None, repr=False)
+    bag_offsets: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Offsets make row slicing O(slice) instead of a scan of the whole block per batch.
-        self.pos_offsets = _exclusive_cumsum(self.positions)
-        self.bag_offsets = _exclusive_cumsum(self.bag_lengths)
+        if self.pos_offsets is None:
+            self.pos_offsets = _exclusive_cumsum(self.positions)
+        if self.bag_offsets is None:
+            self.bag_offsets = _exclusive_cumsum(self.bag_lengths)
 
     def slice(self, start: int, stop: int) -> FeatureRows:
-        p0, p1 = int(self.pos_offsets[start]), int(self.pos_offsets[stop])
-        v0, v1 = int(self.bag_offsets[p0]), int(self.bag_offsets[p1])
-        return FeatureRows(self.positions[start:stop], self.bag_lengths[p0:p1], self.values[v0:v1])
+        pos_offsets = self.pos_offsets[start : stop + 1]
+        p0, p1 = int(pos_offsets[0]), int(pos_offsets[-1])
+        bag_offsets = self.bag_offsets[p0 : p1 + 1]
+        v0, v1 = int(bag_offsets[0]), int(bag_offsets[-1])
+        # Rebasing the parent's offsets is cheaper than new prefix sums (slicing runs once per batch).
+        return FeatureRows(
+            self.positions[start:stop], self.bag_lengths[p0:p1], self.values[v0:v1], pos_offsets - p0, bag_offsets - v0
+        )
 
     @staticmethod
     def concat(parts: list[FeatureRows]) -> FeatureRows:
@@ -192,12 +231,22 @@ class FeatureRows:
             np.concatenate([p.values for p in parts]),
         )
 
+    def take(self, rows: np.ndarray) -> FeatureRows:
+        """The given rows, in the given order (a row permutation for the shuffle window)."""
+        positions = self.positions[rows]
+        pos_index = _ranges(self.pos_offsets[rows], positions)
+        bag_lengths = self.bag_lengths[pos_index]
+        values = self.values[_ranges(self.bag_offsets[pos_index], bag_lengths)]
+        return FeatureRows(positions, bag_lengths, values)
+
 
 @dataclass
 class RowBlock:
     """Decoded users of one unit (or a slice/concatenation of units), one ``FeatureRows`` per feature."""
 
     features: list[FeatureRows]
+    # Users dropped while decoding (no positions, empty_sequences = "skip").
+    skipped: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -206,9 +255,13 @@ class RowBlock:
     def slice(self, start: int, stop: int) -> RowBlock:
         return RowBlock([f.slice(start, stop) for f in self.features])
 
+    def take(self, rows: np.ndarray) -> RowBlock:
+        return RowBlock([f.take(rows) for f in self.features], self.skipped)
+
     @staticmethod
     def concat(blocks: list[RowBlock]) -> RowBlock:
-        return RowBlock([FeatureRows.concat(list(parts)) for parts in zip(*(b.features for b in blocks))])
+        features = [FeatureRows.concat(list(parts)) for parts in zip(*(b.features for b in blocks))]
+        return RowBlock(features, sum(b.skipped for b in blocks))
 
 
 def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
@@ -217,12 +270,47 @@ def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` over i, without a Python loop."""
+    total = int(lengths.sum())
+    return np.repeat(starts - _exclusive_cumsum(lengths)[:-1], lengths) + np.arange(total, dtype=np.int64)
+
+
+_HANDLES = threading.local()
+_HANDLES_PER_THREAD = 16
+
+
+def _cached_handle(unit: ReadUnit) -> orc.ORCFile | pq.ParquetFile:
+    """An open reader of ``unit``'s file, cached per thread so its footer is parsed once, not per unit.
+
+    Per thread because pyarrow's file readers are not meant to be shared across threads; the cache dies
+    with the decode threads at the end of each pass.
+    """
+    cache: OrderedDict | None = getattr(_HANDLES, "files", None)
+    if cache is None:
+        cache = _HANDLES.files = OrderedDict()
+    key = (unit.path, unit.fmt)
+    handle = cache.get(key)
+    if handle is None:
+        handle = cache[key] = _open_file(unit.open(), unit.fmt)
+        if len(cache) > _HANDLES_PER_THREAD:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return handle
+
+
 def read_unit(unit: ReadUnit, columns: list[str]) -> dict[str, pa.Array]:
     """The given columns of one unit, each as one contiguous Arrow array."""
-    if unit.fmt == "orc":
-        batch = orc.ORCFile(unit.path).read_stripe(unit.index, columns=columns)
-        return {name: batch.column(name) for name in columns}
-    table = pq.ParquetFile(unit.path).read_row_group(unit.index, columns=columns)
+    try:
+        handle = _cached_handle(unit)
+        if unit.fmt == "orc":
+            batch = handle.read_stripe(unit.index, columns=columns)
+            return {name: batch.column(name) for name in columns}
+        table = handle.read_row_group(unit.index, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        # A file truncated or corrupted after planning, or a remote read failing.
+        raise ValueError(f"cannot read columns {columns} of {unit.label}: {exc}") from exc
     return {name: table.column(name).combine_chunks() for name in columns}
 
 
@@ -285,9 +373,15 @@ def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
     seq_lengths = np.maximum.reduce([f.positions for f in rows])
     empty = seq_lengths == 0
     if empty.any():
+        if cfg.empty_sequences == "error":
+            names = ", ".join(repr(f.name) for f in cfg.features)
+            raise ValueError(
+                f"columns {names} in {unit.label}: row {int(np.argmax(empty))} has no positions "
+                f"({int(empty.sum())} such rows; empty_sequences = \"skip\" drops them with a warning)"
+            )
         logger.warning("%s: skipped %d users with no positions", unit.label, int(empty.sum()))
         # Empty users own no positions and no values, so only the per-row counts need filtering.
-        block = RowBlock([FeatureRows(f.positions[~empty], f.bag_lengths, f.values) for f in rows])
+        block = RowBlock([FeatureRows(f.positions[~empty], f.bag_lengths, f.values) for f in rows], int(empty.sum()))
     return block
 
 
@@ -296,33 +390,80 @@ def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
 
 def build_batch(block: RowBlock, keys: list[str], item_index: int) -> SequenceBatch:
     """Pad ``block``'s users on the right to the longest one and lay them out as one bag per position."""
+    (batch,) = build_batches(block, block.num_rows, keys, item_index)
+    return batch
+
+
+def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index: int) -> list[SequenceBatch]:
+    """Cut ``block`` into consecutive batches of ``batch_size`` users (the last may be smaller), each padded
+    on the right to its own longest user and laid out as one bag per position.
+
+    All batches of the block are laid out in one vectorised pass, then cut into views: a fixed number of
+    numpy calls per block instead of per batch. Per-batch work on the assembly thread is what bounds the
+    reader (it holds the GIL that the decode threads need), so this matters for small batches.
+    """
+    features = block.features
     num_rows = block.num_rows
-    seq_lengths = np.maximum.reduce([f.positions for f in block.features])
-    max_len = int(seq_lengths.max()) if num_rows else 0
-    lengths: list[np.ndarray] = []
-    item_ids = np.full(num_rows * max_len, -1, dtype=np.int64)
-    for index, feature in enumerate(block.features):
-        # Slot b*T + t of position t of user b, for every real position of this feature.
-        rows = np.repeat(np.arange(num_rows), feature.positions)
-        t = np.arange(len(feature.bag_lengths)) - np.repeat(feature.pos_offsets[:-1], feature.positions)
-        slots = rows * max_len + t
-        bag = np.zeros(num_rows * max_len, dtype=np.int32)
-        bag[slots] = feature.bag_lengths
-        lengths.append(bag)
-        if index == item_index:
-            filled = feature.bag_lengths > 0
-            item_ids[slots[filled]] = feature.values[feature.bag_offsets[:-1][filled]]
-    kjt = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.concatenate([f.values for f in block.features]).astype(np.int64, copy=False)),
-        lengths=torch.from_numpy(np.concatenate(lengths)),
-        stride=num_rows * max_len,
+    if num_rows == 0:
+        raise ValueError("cannot build a batch without users")
+    positions = np.stack([f.positions for f in features])  # [F, R]
+    seq_lengths = positions.max(axis=0)
+    starts = np.arange(0, num_rows, batch_size)
+    sizes = np.minimum(batch_size, num_rows - starts)  # users per batch
+    max_lens = np.maximum.reduceat(seq_lengths, starts)  # padded length per batch
+    strides = sizes * max_lens  # bags per feature per batch
+    # Batch j's lengths occupy [bases[j], bases[j+1]): feature-major, then user, then position.
+    bases = _exclusive_cumsum(len(features) * strides)
+    batch_of_row = np.repeat(np.arange(len(starts)), sizes)
+    row_in_batch = np.arange(num_rows) - starts[batch_of_row]
+    row_base = (
+        bases[:-1][batch_of_row][None, :]
+        + np.arange(len(features))[:, None] * strides[batch_of_row][None, :]
+        + (row_in_batch * max_lens[batch_of_row])[None, :]
     )
-    return SequenceBatch(
-        sparse_features=kjt,
-        seq_lengths=torch.from_numpy(seq_lengths.astype(np.int64)),
-        item_ids=torch.from_numpy(item_ids.reshape(num_rows, max_len)),
+    flat_positions = positions.ravel()
+    bag_lengths = np.concatenate([f.bag_lengths for f in features])
+    slots = np.repeat(row_base.ravel() - _exclusive_cumsum(flat_positions)[:-1], flat_positions) + np.arange(
+        len(bag_lengths), dtype=np.int64
     )
+    lengths = np.zeros(int(bases[-1]), dtype=np.int32)
+    lengths[slots] = bag_lengths
+
+    # Target ids: batch j's [n_j, T_j] grid occupies [item_bases[j], item_bases[j+1]).
+    item = features[item_index]
+    item_bases = _exclusive_cumsum(strides)
+    first = sum(len(f.bag_lengths) for f in features[:item_index])
+    batch_of_position = np.repeat(batch_of_row, item.positions)
+    item_slots = (
+        slots[first : first + len(item.bag_lengths)]
+        - bases[:-1][batch_of_position]
+        - item_index * strides[batch_of_position]
+        + item_bases[:-1][batch_of_position]
+    )
+    filled = item.bag_lengths > 0
+    item_ids = np.full(int(item_bases[-1]), -1, dtype=np.int64)
+    item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
+
+    row_bounds = np.append(starts, num_rows)
+    value_bounds = [f.bag_offsets[f.pos_offsets[row_bounds]] for f in features]
+    batches = []
+    for j in range(len(starts)):
+        values = np.concatenate([f.values[b[j] : b[j + 1]] for f, b in zip(features, value_bounds)])
+        kjt = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(values.astype(np.int64, copy=False)),
+            lengths=torch.from_numpy(lengths[bases[j] : bases[j + 1]]),
+            stride=int(strides[j]),
+        )
+        grid = item_ids[item_bases[j] : item_bases[j + 1]].reshape(int(sizes[j]), int(max_lens[j]))
+        batches.append(
+            SequenceBatch(
+                sparse_features=kjt,
+                seq_lengths=torch.from_numpy(seq_lengths[row_bounds[j] : row_bounds[j + 1]]),
+                item_ids=torch.from_numpy(grid),
+            )
+        )
+    return batches
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -349,13 +490,54 @@ def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
     return False
 
 
-class SequenceReader:
-    """Iterable of ``SequenceBatch`` for one rank; each ``iter()`` starts a fresh pass from the beginning.
+@dataclass(frozen=True)
+class Position:
+    """Where the next batch starts: ``row`` rows into the window that begins at unit ``unit`` of ``epoch``.
 
-    Decoding runs on ``cfg.read_threads`` worker threads and batch building on one more thread; batches
-    come out in the same order whatever the thread timing, and at most ``cfg.prefetch`` of them wait in
-    the queue. A worker's exception is re-raised in the consumer; closing (or dropping) the iterator stops
-    the threads.
+    ``unit`` indexes this rank's unit order of that epoch (shuffled per epoch when ``cfg.shuffle``). A
+    *window* is a run of consecutive units whose rows are delivered together: one unit without a shuffle
+    buffer, else units gathered until they hold at least ``shuffle_buffer`` rows, then permuted. Rows are
+    counted after users without positions are dropped. Batches may span windows; the position always
+    names the window holding the next undelivered row, so a resume re-decodes at most one window.
+    """
+
+    epoch: int = 0
+    unit: int = 0
+    row: int = 0
+
+
+@dataclass
+class _Window:
+    epoch: int
+    start: int  # first unit (index into the epoch's unit order)
+    end: int  # one past the last unit
+    block: RowBlock
+    offset: int = 0  # rows already delivered (or skipped at resume)
+
+    @property
+    def remaining(self) -> int:
+        return self.block.num_rows - self.offset
+
+
+_STATE_VERSION = 1
+_GROUP_BATCHES = 64  # most batches built in one pass
+_MAX_HELD = 64
+
+
+class SequenceReader:
+    """Iterable of ``SequenceBatch`` for one rank, resumable through ``state_dict``/``load_state_dict``.
+
+    Each ``iter()`` starts a fresh pass from the beginning, unless ``load_state_dict`` was called since the
+    last ``iter()``: then it starts at the restored position. Decoding runs on ``cfg.read_threads`` worker
+    threads (one unit per task, so every unit is decoded by exactly one thread) and batch building on one
+    more thread; batches come out in the same order whatever the thread timing, and at most
+    ``cfg.prefetch`` of them wait in the queue. A worker's exception is re-raised in the consumer; closing
+    (or dropping) the iterator stops the threads.
+
+    Sharding: the units (ORC stripes / Parquet row groups) of all files, in file then stripe order, are
+    dealt round-robin to ranks (unit i to rank ``i % world_size``); with ``cfg.shuffle`` the global unit
+    list is first permuted per epoch with a generator seeded by ``(shuffle_seed, epoch)``, identical on all
+    ranks, so ranks still read disjoint units that together cover every unit once per epoch.
     """
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, epochs: int = 1) -> None:
@@ -369,6 +551,16 @@ class SequenceReader:
         self.files = list_input_files(cfg)
         self.all_units = enumerate_units(self.files, cfg.features)
         self.units = assign_units(self.all_units, rank, world_size)
+        # Users without positions dropped so far (empty_sequences = "skip"). Counted where units are decoded,
+        # so it includes units decoded ahead of the batches consumed.
+        self.rows_skipped = 0
+        self.batches_consumed = 0  # by the consumer, in this pass (or since the restored position)
+        self._position = Position()
+        self._resume: Position | None = None
+        # Batches the caller has taken from the iterator but not trained on yet (TrainPipelineSparseDist keeps
+        # one or two in flight): state_dict() reports the position before them. Set by the training loop.
+        self.held_batches = 0
+        self._before: deque[Position] = deque(maxlen=_MAX_HELD)  # position before each recent batch
         logger.info("%s", self.describe())
 
     def _check_config(self) -> None:
@@ -384,6 +576,12 @@ class SequenceReader:
             raise ValueError(f"batch_size ({cfg.batch_size}) and seq_len ({cfg.seq_len}) must be positive")
         if cfg.truncate_side not in ("left", "right"):
             raise ValueError(f"truncate_side must be 'left' or 'right', not {cfg.truncate_side!r}")
+        if cfg.empty_sequences not in ("skip", "error"):
+            raise ValueError(f"empty_sequences must be 'skip' or 'error', not {cfg.empty_sequences!r}")
+        if cfg.shuffle_buffer < 0 or cfg.shuffle_seed < 0:
+            raise ValueError(
+                f"shuffle_buffer ({cfg.shuffle_buffer}) and shuffle_seed ({cfg.shuffle_seed}) must be >= 0"
+            )
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0 (0 = forever), not {self.epochs}")
         for feature in cfg.features:
@@ -394,18 +592,98 @@ class SequenceReader:
         cfg = self.cfg
         formats = sorted({fmt for _, fmt in self.files})
         epochs = "forever" if self.epochs == 0 else str(self.epochs)
+        shuffle = f"shuffle seed {cfg.shuffle_seed} buffer {cfg.shuffle_buffer}" if cfg.shuffle else "no shuffle"
         return (
             f"reader rank {self.rank}/{self.world_size}: {len(self.files)} {'+'.join(formats)} files, "
             f"{len(self.all_units)} units, {len(self.units)} for this rank; batch {cfg.batch_size}, "
             f"seq_len {cfg.seq_len} (truncate {cfg.truncate_side}), {max(1, cfg.read_threads)} threads, "
-            f"prefetch {max(1, cfg.prefetch)}, epochs {epochs}"
+            f"prefetch {max(1, cfg.prefetch)}, epochs {epochs}, {shuffle}"
         )
 
+    # ------------------------------------------------------------------------------------ resumable state
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What must not change across a resume for the position to mean the same rows."""
+        cfg = self.cfg
+        return {
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "num_units": len(self.all_units),
+            "files": [path for path, _ in self.files],
+            "batch_size": cfg.batch_size,
+            "shuffle": int(cfg.shuffle),
+            "shuffle_seed": cfg.shuffle_seed,
+            "shuffle_buffer": cfg.shuffle_buffer,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position of the **next batch the consumer will receive**, plus what a resume must match.
+
+        Batches produced ahead (prefetched) but not yet handed out by the iterator do not count: the
+        position advances in the consumer's ``next()``. If the caller holds taken batches it has not trained
+        on yet, it sets ``held_batches`` to their number and the position is the one before them. Plain ints, strings and lists only (a
+        ``torch.distributed.checkpoint`` ``Stateful``). Per rank: store it under a rank-specific key.
+        Keys: ``version``, ``epoch``, ``unit``, ``row`` (see ``Position``), ``batches_consumed``, and the
+        fingerprint ``world_size``, ``rank``, ``num_units``, ``files``, ``batch_size``, ``shuffle``,
+        ``shuffle_seed``, ``shuffle_buffer``.
+        """
+        position = self._resume or self._position
+        held = self.held_batches
+        if held:
+            if self._resume is not None or held > len(self._before):
+                raise ValueError(f"held_batches {held} exceeds the {len(self._before)} batches taken in this pass")
+            position = self._before[-held]
+        return {
+            "version": _STATE_VERSION,
+            "epoch": position.epoch,
+            "unit": position.unit,
+            "row": position.row,
+            "batches_consumed": self.batches_consumed - held,
+            **self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by ``state_dict``; the next ``iter()`` yields exactly the batches that
+        would have come next in the saved run (same data, same configuration, any thread/prefetch settings).
+
+        Raises ValueError if the state belongs to another world size (resharding a position across a
+        different number of ranks is not supported), another rank, other input files or units, another
+        batch size or other shuffle settings. ``epochs`` may differ (e.g. to train longer).
+        """
+        if int(state.get("version", -1)) != _STATE_VERSION:
+            raise ValueError(f"reader state version {state.get('version')!r} is not {_STATE_VERSION}")
+        if int(state["world_size"]) != self.world_size:
+            raise ValueError(
+                f"reader state was saved with world_size {int(state['world_size'])} but this run has world_size "
+                f"{self.world_size}; resuming the data position on a different number of ranks is not supported "
+                "(restart the data from the beginning, or resume with the original number of ranks)"
+            )
+        mine = self._fingerprint()
+        for key, expected in mine.items():
+            saved = list(state[key]) if isinstance(expected, list) else state[key]
+            if saved != expected:
+                shown = f"{len(saved)} files" if key == "files" else repr(saved)
+                now = f"{len(expected)} files" if key == "files" else repr(expected)
+                raise ValueError(f"reader state does not match this reader: {key} was {shown}, is now {now}")
+        position = Position(int(state["epoch"]), int(state["unit"]), int(state["row"]))
+        if position.epoch < 0 or not 0 <= position.unit <= len(self.units) or position.row < 0:
+            raise ValueError(f"reader state has an invalid position {position}")
+        self._resume = position
+        self.batches_consumed = int(state.get("batches_consumed", 0))
+
+    # ------------------------------------------------------------------------------------------ iteration
+
     def __iter__(self) -> Iterator[SequenceBatch]:
+        if self._resume is not None:
+            start, self._resume = self._resume, None
+        else:
+            start, self.batches_consumed = Position(), 0
+        self._position = start
+        self._before.clear()
         stop = threading.Event()
         out: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
         producer = threading.Thread(
-            target=self._produce, args=(out, stop), name=f"SequenceReader-r{self.rank}", daemon=True
+            target=self._produce, args=(out, stop, start), name=f"SequenceReader-r{self.rank}", daemon=True
         )
         producer.start()
         try:
@@ -415,7 +693,10 @@ class SequenceReader:
                     return
                 if isinstance(item, _Failure):
                     raise item.error
-                yield item
+                self._before.append(self._position)
+                batch, self._position = item  # consumed now: the state moves past this batch
+                self.batches_consumed += 1
+                yield batch
         finally:
             # Runs on exhaustion, error, close() and garbage collection of the generator alike.
             stop.set()
@@ -423,11 +704,11 @@ class SequenceReader:
                 out.get_nowait()
             producer.join(timeout=10)
 
-    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+    def _produce(self, out: queue.Queue, stop: threading.Event, start: Position) -> None:
         pool = ThreadPoolExecutor(max(1, self.cfg.read_threads), thread_name_prefix=f"SequenceReader-r{self.rank}-dec")
         try:
-            for batch in self._batches(pool, stop):
-                if not _put(out, batch, stop):
+            for item in self._batches(pool, stop, start):
+                if not _put(out, item, stop):
                     return
             _put(out, _END, stop)
         except BaseException as exc:  # noqa: BLE001 - everything must reach the consumer
@@ -435,55 +716,134 @@ class SequenceReader:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _schedule(self) -> Iterator[tuple[int, ReadUnit]]:
-        epochs = itertools.count() if self.epochs == 0 else range(self.epochs)
+    def epoch_units(self, epoch: int) -> list[ReadUnit]:
+        """This rank's units in the order it reads them in ``epoch``."""
+        if not self.cfg.shuffle:
+            return self.units
+        order = np.random.default_rng([self.cfg.shuffle_seed, epoch]).permutation(len(self.all_units))
+        return [self.all_units[i] for i in order[self.rank :: self.world_size]]
+
+    def _schedule(self, start: Position) -> Iterator[tuple[int, int, ReadUnit]]:
+        epochs = itertools.count(start.epoch) if self.epochs == 0 else range(start.epoch, self.epochs)
         for epoch in epochs:
-            for unit in self.units:
-                yield epoch, unit
+            units = self.epoch_units(epoch)
+            first = start.unit if epoch == start.epoch else 0
+            for index in range(first, len(units)):
+                yield epoch, index, units[index]
 
-    def _decoded(self, pool: ThreadPoolExecutor, stop: threading.Event) -> Iterator[tuple[int, RowBlock]]:
+    def _decoded(
+        self, pool: ThreadPoolExecutor, stop: threading.Event, start: Position
+    ) -> Iterator[tuple[int, int, RowBlock]]:
         """Decoded units in schedule order, with a bounded window of decodes running ahead."""
-        schedule = self._schedule()
+        schedule = self._schedule(start)
         window = 2 * max(1, self.cfg.read_threads)
-        inflight: deque[tuple[int, Future[RowBlock]]] = deque()
-        for epoch, unit in itertools.islice(schedule, window):
-            inflight.append((epoch, pool.submit(decode_unit, unit, self.cfg)))
+        inflight: deque[tuple[int, int, Future[RowBlock]]] = deque()
+        for epoch, index, unit in itertools.islice(schedule, window):
+            inflight.append((epoch, index, pool.submit(decode_unit, unit, self.cfg)))
         while inflight and not stop.is_set():
-            epoch, future = inflight.popleft()
+            epoch, index, future = inflight.popleft()
             block = future.result()  # re-raises the worker's exception here
-            for next_epoch, unit in itertools.islice(schedule, 1):
-                inflight.append((next_epoch, pool.submit(decode_unit, unit, self.cfg)))
-            yield epoch, block
+            for next_epoch, next_index, unit in itertools.islice(schedule, 1):
+                inflight.append((next_epoch, next_index, pool.submit(decode_unit, unit, self.cfg)))
+            yield epoch, index, block
 
-    def _batches(self, pool: ThreadPoolExecutor, stop: threading.Event) -> Iterator[SequenceBatch]:
+    def _windows(self, pool: ThreadPoolExecutor, stop: threading.Event, start: Position) -> Iterator[_Window]:
+        """Units grouped into delivery windows (see ``Position``), shuffled within when configured."""
+        cfg = self.cfg
+        gather = cfg.shuffle and cfg.shuffle_buffer > 0
+        last_unit = len(self.units) - 1
+        parts: list[RowBlock] = []
+        first = 0
+        for epoch, index, block in self._decoded(pool, stop, start):
+            self.rows_skipped += block.skipped
+            if not parts:
+                first = index
+            parts.append(block)
+            rows = sum(p.num_rows for p in parts)
+            if gather and rows < cfg.shuffle_buffer and index < last_unit:
+                continue
+            merged = parts[0] if len(parts) == 1 else RowBlock.concat(parts)
+            parts = []
+            if gather:
+                # Seeded by the window's identity, so a resumed run permutes it the same way.
+                perm = np.random.default_rng([cfg.shuffle_seed, epoch, first, 1]).permutation(merged.num_rows)
+                merged = merged.take(perm)
+            yield _Window(epoch, first, index + 1, merged)
+
+    def _position_at(self, pending: deque[_Window], last: _Window, rows: int) -> Position:
+        """Position of the undelivered row ``rows`` rows ahead (``last`` is the newest window)."""
+        for window in pending:
+            if rows < window.remaining:
+                return Position(window.epoch, window.start, window.offset + rows)
+            rows -= window.remaining
+        # Just past everything pending: the unit after the newest window.
+        if last.end >= len(self.units):
+            return Position(last.epoch + 1, 0, 0)
+        return Position(last.epoch, last.end, 0)
+
+    def _take(self, pending: deque[_Window], count: int) -> RowBlock:
+        """The next ``count`` undelivered rows, across windows."""
+        parts = []
+        while count:
+            window = pending[0]
+            n = min(count, window.remaining)
+            parts.append(window.block.slice(window.offset, window.offset + n))
+            window.offset += n
+            count -= n
+            if not window.remaining:
+                pending.popleft()
+        return parts[0] if len(parts) == 1 else RowBlock.concat(parts)
+
+    def _batches(
+        self, pool: ThreadPoolExecutor, stop: threading.Event, start: Position
+    ) -> Iterator[tuple[SequenceBatch, Position]]:
+        """(batch, position after it) in order; the position becomes the state once the batch is consumed."""
         size = self.cfg.batch_size
-        carry: RowBlock | None = None
-        epoch, emitted, rows = 0, 0, 0
-        for block_epoch, block in self._decoded(pool, stop):
-            if block_epoch != epoch:
-                yield from self._end_epoch(epoch, carry, emitted, rows)
-                carry, epoch, emitted, rows = None, block_epoch, 0, 0
-            rows += block.num_rows
-            if carry is not None:
-                block = RowBlock.concat([carry, block])
-            full = block.num_rows // size
-            for i in range(full):
-                yield build_batch(block.slice(i * size, (i + 1) * size), self.keys, self.item_index)
-            emitted += full
-            carry = block.slice(full * size, block.num_rows) if block.num_rows % size else None
+        pending: deque[_Window] = deque()
+        epoch = start.epoch
+        # A pass resumed mid-epoch had batches before the restored position.
+        emitted, rows = int(start.unit > 0 or start.row > 0), 0
+        skip = start.row
+        for window in self._windows(pool, stop, start):
+            if window.epoch != epoch:
+                yield from self._end_epoch(epoch, pending, emitted, rows)
+                epoch, emitted, rows = window.epoch, 0, 0
+            if skip:
+                if skip > window.block.num_rows:
+                    label = self.epoch_units(epoch)[window.start].label
+                    raise ValueError(
+                        f"cannot resume at row {skip} of the window starting at {label}: it has only "
+                        f"{window.block.num_rows} rows; the input changed since the checkpoint"
+                    )
+                window.offset, skip = skip, 0
+            rows += window.remaining
+            if window.remaining:
+                pending.append(window)
+            available = sum(w.remaining for w in pending)
+            while available >= size:
+                # Build all full batches at hand in one pass (see build_batches); each carries the position
+                # after it, worked out before the rows are taken.
+                count = min(available // size, _GROUP_BATCHES)
+                after = [self._position_at(pending, window, (i + 1) * size) for i in range(count)]
+                block = self._take(pending, count * size)
+                emitted += count
+                available -= count * size
+                yield from zip(build_batches(block, size, self.keys, self.item_index), after)
         if not stop.is_set():
-            yield from self._end_epoch(epoch, carry, emitted, rows)
+            yield from self._end_epoch(epoch, pending, emitted, rows)
 
-    def _end_epoch(self, epoch: int, carry: RowBlock | None, emitted: int, rows: int) -> Iterator[SequenceBatch]:
+    def _end_epoch(
+        self, epoch: int, pending: deque[_Window], emitted: int, rows: int
+    ) -> Iterator[tuple[SequenceBatch, Position]]:
         """The last partial batch of an epoch: emitted, or dropped under drop_remainder."""
-        if carry is not None and carry.num_rows:
+        left = sum(w.remaining for w in pending)
+        if left:
             if self.cfg.drop_remainder:
-                logger.info(
-                    "rank %d epoch %d: dropped the last %d rows (drop_remainder)", self.rank, epoch, carry.num_rows
-                )
+                logger.info("rank %d epoch %d: dropped the last %d rows (drop_remainder)", self.rank, epoch, left)
+                pending.clear()
             else:
                 emitted += 1
-                yield build_batch(carry, self.keys, self.item_index)
+                yield build_batch(self._take(pending, left), self.keys, self.item_index), Position(epoch + 1, 0, 0)
         if emitted == 0:
             message = (
                 f"rank {self.rank} epoch {epoch}: {rows} usable rows give no batch of {self.cfg.batch_size}"

@@ -152,13 +152,23 @@ def test_uint64_beyond_int64_is_error() -> None:
         map_ids(pa.array([2**63], pa.uint64()), FeatureConfig("x", hash_bucket_size=5))
 
 
-def test_farm_not_implemented() -> None:
-    with pytest.raises(NotImplementedError, match="FarmHash Fingerprint64.*use murmur"):
-        map_ids(pa.array(["a"]), FeatureConfig("b", hash_type="farm"))
-
-
 def test_check_feature_needs_rows_for_plain_ids() -> None:
     with pytest.raises(ValueError, match="num_embeddings"):
         check_feature(FeatureConfig("item_id"))
     check_feature(FeatureConfig("item_id", num_embeddings=5))
     check_feature(FeatureConfig("behavior_id", hash_type="murmur"))
+
+
+@pytest.mark.parametrize("hash_type", ["murmur", "farm"])
+def test_repeated_and_distinct_columns_hash_alike(hash_type: str) -> None:
+    # Mostly repeated values go through dictionary encoding, mostly distinct ones are hashed directly;
+    # both paths give the same ids.
+    from data.farmhash import farm_fingerprint64
+
+    reference = farm_fingerprint64 if hash_type == "farm" else murmurhash64a
+    repeated = pa.array(["pv", "buy"] * 600)
+    distinct = pa.array([str(i) for i in range(1200)])
+    feature = FeatureConfig("b", hash_type=hash_type, hash_bucket_size=1 << 40)
+    for values in (repeated, distinct):
+        expected = [reference(v.encode()) % (1 << 40) for v in values.to_pylist()]
+        assert map_ids(values, feature).tolist() == expected

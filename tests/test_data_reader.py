@@ -397,11 +397,13 @@ def test_out_of_range_id_names_file_column_and_value(tmp_path: Path) -> None:
         run_with_timeout(lambda: read_all(SequenceReader(cfg)))
 
 
-def test_farm_hash_not_implemented(tmp_path: Path) -> None:
-    path = write_orc(tmp_path / "f.orc", {"item_id": pa.array([[["a"]]], LL_STR)})
-    cfg = DataConfig(data_paths=str(path), features=[FeatureConfig("item_id", hash_type="farm")])
-    with pytest.raises(NotImplementedError, match="use murmur"):
-        SequenceReader(cfg)
+def test_farm_hash_feature(tmp_path: Path) -> None:
+    from data.farmhash import farm_fingerprint64
+
+    path = write_orc(tmp_path / "f.orc", {"item_id": pa.array([[["a"], ["pv"]]], LL_STR)})
+    cfg = DataConfig(data_paths=str(path), batch_size=1, features=[FeatureConfig("item_id", hash_type="farm")])
+    (batch,) = read_all(SequenceReader(cfg))
+    assert batch.item_ids.tolist() == [[farm_fingerprint64(b"a") & INT64_MAX, farm_fingerprint64(b"pv") & INT64_MAX]]
 
 
 def test_item_feature_must_be_configured(tmp_path: Path) -> None:

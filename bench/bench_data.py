@@ -1,0 +1,175 @@
+"""Data benchmark: files -> KJT batches, next to pyarrow's raw ORC decode and the training step's appetite.
+
+``python -m bench.bench_data [--users N] [--threads N] [--steps N] [--data DIR] [--config configs/default.toml]``
+
+In one run, on the same files (the built-in sample generator's schema, written to a temporary folder unless
+``--data`` names ORC files in the seed's schema):
+
+* **raw decode**: ``pyarrow.orc.ORCFile.read_stripe`` of the feature columns of every stripe, nothing else
+  (the physical limit of this path), on 1 thread and on ``--threads`` threads;
+* **reader**: ``SequenceReader`` (validation, truncation, hashing, batching, KJT layout) at the config's
+  ``[data]`` settings, with ``read_threads`` 1 and ``--threads``;
+* **trainer**: forward + backward + AdamW step of the config's model (``Seq2SeqModel``, unsharded, CPU)
+  on the reader's batches: the rate at which training consumes data.
+
+Tokens are real (non-padding) positions after truncation to ``seq_len``. Prints a table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import itertools
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.orc as orc
+import torch
+
+from data.config import DataConfig
+from data.reader import SequenceReader
+from data.sample import SampleParams, generate_table, write_files
+from model.seq2seq import Seq2SeqModel
+from trainer.config import load_config
+
+
+@dataclasses.dataclass
+class Rate:
+    name: str
+    rows: int
+    tokens: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def raw_decode(files: list[str], columns: list[str], threads: int, tokens: int) -> Rate:
+    stripes = [(path, i) for path in files for i in range(orc.ORCFile(path).nstripes)]
+
+    def read(job: tuple[str, int]) -> int:
+        return orc.ORCFile(job[0]).read_stripe(job[1], columns=columns).num_rows
+
+    def run() -> int:
+        if threads == 1:
+            return sum(map(read, stripes))
+        with ThreadPoolExecutor(threads) as pool:
+            return sum(pool.map(read, stripes))
+
+    seconds, rows = _timed(run)
+    return Rate(f"pyarrow raw ORC decode, {threads} thread{'s' * (threads > 1)}", int(rows), tokens, seconds)
+
+
+def reader_rate(cfg: DataConfig, threads: int) -> Rate:
+    cfg = dataclasses.replace(cfg, read_threads=threads, drop_remainder=False)
+
+    def run() -> tuple[int, int]:
+        rows = tokens = 0
+        for batch in SequenceReader(cfg, epochs=1):
+            rows += batch.batch_size
+            tokens += int(batch.seq_lengths.sum())
+        return rows, tokens
+
+    seconds, (rows, tokens) = _timed(run)
+    return Rate(f"SequenceReader -> KJT batches, read_threads {threads}", rows, tokens, seconds)
+
+
+def trainer_rate(config_path: str, data_cfg: DataConfig, steps: int) -> Rate:
+    job = load_config(config_path)
+    torch.manual_seed(0)
+    model = Seq2SeqModel(job.data.features, job.model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.optim.dense_lr)
+    batches = list(itertools.islice(SequenceReader(data_cfg, epochs=0), steps + 2))
+
+    def step(batch) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(batch).loss.backward()
+        optimizer.step()
+
+    for batch in batches[:2]:  # warm-up: allocator, lazy init
+        step(batch)
+    started = time.perf_counter()
+    for batch in batches[2:]:
+        step(batch)
+    seconds = time.perf_counter() - started
+    rows = sum(b.batch_size for b in batches[2:])
+    tokens = sum(int(b.seq_lengths.sum()) for b in batches[2:])
+    return Rate(f"trainer step (fwd+bwd+AdamW, {config_path}, CPU)", rows, tokens, seconds)
+
+
+def _data(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.data:
+        return Path(args.data)
+    params = SampleParams(users=args.users, files=8, rows_per_stripe=1024)
+    write_files(generate_table(params), tmp, params)
+    return tmp
+
+
+def _table(rates: list[Rate], raw: dict[int, Rate], trainer: Rate) -> str:
+    lines = [
+        "| path | rows/s | tokens/s | vs raw decode (same threads) | vs trainer |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for rate in rates:
+        threads = int(rate.name.rsplit(" ", 1)[-1]) if "read_threads" in rate.name else None
+        vs_raw = f"{rate.tokens_per_s / raw[threads].tokens_per_s:.0%}" if threads in raw else ""
+        vs_trainer = f"{rate.tokens_per_s / trainer.tokens_per_s:.1f}x" if rate is not trainer else "1x"
+        lines.append(f"| {rate.name} | {rate.rows_per_s:,.0f} | {rate.tokens_per_s:,.0f} | {vs_raw} | {vs_trainer} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/default.toml", help="job config: [data] settings and model")
+    parser.add_argument("--users", type=int, default=100_000, help="users of generated sample data")
+    parser.add_argument("--data", help="read these ORC files instead of generating sample data")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the threaded runs")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of data measurements (fastest counts)")
+    args = parser.parse_args(argv)
+
+    job = load_config(args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _data(args, Path(tmp))
+        cfg = dataclasses.replace(job.data, data_paths=str(folder))
+        files = [path for path, _ in SequenceReader(cfg).files]
+        columns = [f.name for f in cfg.features]
+        tokens = reader_rate(cfg, 1).tokens  # also warms the page cache
+        best: dict[str, Rate] = {}
+        # Rounds interleave all four measurements and the fastest run of each counts: on a shared machine
+        # the load changes during the run, and the minimum time is the least disturbed one.
+        for _ in range(args.repeats):
+            for threads in (1, args.threads):
+                for rate in (raw_decode(files, columns, threads, tokens), reader_rate(cfg, threads)):
+                    if rate.name not in best or rate.seconds < best[rate.name].seconds:
+                        best[rate.name] = rate
+        rates = list(best.values())
+        raw = {1: rates[0], args.threads: rates[2]}
+        readers = [rates[1], rates[3]]
+        trainer = trainer_rate(args.config, cfg, args.steps)
+    rows = readers[0].rows
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(f"data: {rows:,} users, {tokens:,} tokens (seq_len {cfg.seq_len}), {len(files)} ORC files; "
+          f"batch {cfg.batch_size}; torch threads {torch.get_num_threads()}")
+    print(_table([raw[1], raw[args.threads], *readers, trainer], raw, trainer))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

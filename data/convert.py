@@ -1,0 +1,395 @@
+"""Convert event logs into the seed's ORC schema: one row per user, events oldest first.
+
+``python -m data.convert {taobao,sasrec,events} INPUT... --out DIR [options]`` (``--help`` on each).
+
+Output schema (the seed's, see README "Data"): ``user_id`` int64 and, per event, one position holding one
+value: ``item_id`` / ``cate_id`` as ``list<list<int64>>``, ``behavior_id`` / ``timestamp`` as
+``list<list<string>>`` (timestamps in decimal). Columns the source does not have are left out (SASRec text
+has only users and items, so its output has ``user_id`` and ``item_id``).
+
+Streaming, in two passes so that inputs larger than memory work:
+
+1. read the inputs in chunks (``--chunk-bytes`` of CSV text, ``--chunk-rows`` of Parquet), validate each
+   chunk and append its events to one spill file per output part (``user_id % parts``);
+2. per part: load its spill file, sort by (user, time, input order), group by user, write
+   ``part-NNNNN.orc`` with stripes of ``--rows-per-stripe`` users (the reader shards by stripe).
+
+Peak memory is about one chunk plus one part, so choose ``--parts`` such that ``input size / parts`` fits.
+Every bad input (missing column, wrong type, empty value, negative or too large id, unreadable file) is an
+error naming the file, the column and the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.orc as orc
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+INT_COLUMNS = ("user_id", "item_id", "cate_id")
+STRING_COLUMNS = ("behavior_id",)
+# Output column order (timestamp last, as in the seed).
+OUTPUT_ORDER = ("user_id", "item_id", "cate_id", "behavior_id", "timestamp")
+_INT_PATTERN = r"^[0-9]{1,19}$"  # non-negative decimal; the int64 range is checked by the cast
+
+
+@dataclass
+class Source:
+    """One input file and how to read it: which source column feeds which output column."""
+
+    path: Path
+    fmt: str  # "csv" or "parquet"
+    mapping: dict[str, str]  # output column -> source column name
+    csv_names: list[str] | None = None  # column names of a header-less CSV
+    delimiter: str = ","
+    time_kind: str = "int"  # sort timestamps as "int" or as "string"
+
+
+@dataclass
+class Options:
+    out: Path
+    parts: int = 8
+    rows_per_stripe: int = 1024
+    chunk_bytes: int = 64 << 20
+    chunk_rows: int = 1 << 20
+    # Uncompressed gives exact stripe sizes; with a codec the writer only sees compressed bytes once a
+    # compression block fills, so stripes come out larger than rows_per_stripe.
+    compression: str = "uncompressed"
+
+
+@dataclass
+class Stats:
+    users: int = 0
+    events: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def _fail(source: Source, column: str, line: int | None, what: str) -> ValueError:
+    where = f"{source.path}, column {column!r}" + (f", line {line}" if line is not None else "")
+    return ValueError(f"{where}: {what}")
+
+
+def _csv_chunks(source: Source, opts: Options) -> Iterator[pa.RecordBatch]:
+    wanted = sorted(set(source.mapping.values()))
+    read = pacsv.ReadOptions(column_names=source.csv_names, block_size=opts.chunk_bytes)
+    # Everything as text: we parse ids ourselves so that a bad value names its column and line.
+    convert = pacsv.ConvertOptions(
+        include_columns=wanted, column_types={c: pa.string() for c in wanted}, strings_can_be_null=False
+    )
+    parse = pacsv.ParseOptions(delimiter=source.delimiter)
+    try:
+        reader = pacsv.open_csv(source.path, read_options=read, parse_options=parse, convert_options=convert)
+        yield from reader
+    except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
+        missing = [c for c in wanted if f"'{c}'" in str(exc) and "not exist" in str(exc)]
+        if missing:
+            raise _fail(source, missing[0], None, f"column is missing ({exc})") from exc
+        raise ValueError(f"{source.path}: cannot parse as CSV: {exc}") from exc
+
+
+def _parquet_chunks(source: Source, opts: Options) -> Iterator[pa.RecordBatch]:
+    try:
+        handle = pq.ParquetFile(source.path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{source.path}: cannot read as Parquet: {exc}") from exc
+    names = handle.schema_arrow.names
+    for column in source.mapping.values():
+        if column not in names:
+            raise _fail(source, column, None, f"column is missing (columns: {names})")
+    try:
+        yield from handle.iter_batches(batch_size=opts.chunk_rows, columns=sorted(set(source.mapping.values())))
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{source.path}: cannot read as Parquet: {exc}") from exc
+
+
+def _as_ids(values: pa.Array, source: Source, column: str, first_line: int) -> pa.Array:
+    """Non-negative int64 ids from integer or decimal-text values; an error names the first bad line."""
+    if values.null_count:
+        raise _fail(source, column, first_line + _first_true(values.is_null()), "empty (null) value")
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        ok = pc.match_substring_regex(values, _INT_PATTERN)
+        if not pc.all(ok).as_py():
+            bad = _first_true(pc.invert(ok))
+            text = values[bad].as_py()
+            what = "negative id" if text.startswith("-") else "empty value" if not text else "not an integer id"
+            raise _fail(source, column, first_line + bad, f"{what}: {text!r}")
+        try:
+            return pc.cast(values, pa.int64())
+        except pa.ArrowInvalid:
+            bad = _first_true(pc.greater(pc.utf8_length(values), 18))  # a 19-digit value beyond INT64_MAX
+            raise _fail(source, column, first_line + bad, f"id {values[bad].as_py()} is beyond int64") from None
+    if not pa.types.is_integer(values.type):
+        raise _fail(source, column, None, f"has Arrow type {values.type}; expected integer ids")
+    try:
+        ids = pc.cast(values, pa.int64())
+    except pa.ArrowInvalid as exc:
+        raise _fail(source, column, None, f"id beyond int64 ({exc})") from exc
+    negative = pc.less(ids, 0)
+    if pc.any(negative).as_py():
+        bad = _first_true(negative)
+        raise _fail(source, column, first_line + bad, f"negative id: {ids[bad].as_py()}")
+    return ids
+
+
+def _as_strings(values: pa.Array, source: Source, column: str, first_line: int) -> pa.Array:
+    if values.null_count:
+        raise _fail(source, column, first_line + _first_true(values.is_null()), "empty (null) value")
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_integer(values.type):
+        text = pc.cast(values, pa.string())
+    else:
+        raise _fail(source, column, None, f"has Arrow type {values.type}; expected strings or integers")
+    empty = pc.equal(pc.utf8_length(text), 0)
+    if pc.any(empty).as_py():
+        raise _fail(source, column, first_line + _first_true(empty), "empty value")
+    return text
+
+
+def _time_key(values: pa.Array, source: Source, column: str, first_line: int) -> tuple[pa.Array, pa.Array]:
+    """(sort key, decimal/text form) of a time column."""
+    if pa.types.is_timestamp(values.type) or pa.types.is_date(values.type):
+        values = pc.cast(values, pa.int64())
+    if source.time_kind == "int":
+        ids = _as_ids(values, source, column, first_line)  # Unix time: a non-negative integer
+        return ids, pc.cast(ids, pa.string())
+    text = _as_strings(values, source, column, first_line)
+    return text, text
+
+
+def _first_true(mask: pa.Array) -> int:
+    return int(np.argmax(mask.to_numpy(zero_copy_only=False)))
+
+
+def normalise_chunk(batch: pa.RecordBatch, source: Source, first_line: int, first_event: int) -> pa.Table:
+    """Validated events of one chunk: output columns plus ``_time`` (sort key) and ``_seq`` (input order)."""
+    columns: dict[str, pa.Array] = {}
+    for out, src in source.mapping.items():
+        values = batch.column(src)
+        if out in INT_COLUMNS:
+            columns[out] = _as_ids(values, source, src, first_line)
+        elif out in STRING_COLUMNS:
+            columns[out] = _as_strings(values, source, src, first_line)
+        else:  # timestamp
+            columns["_time"], columns[out] = _time_key(values, source, src, first_line)
+    if "_time" not in columns:
+        columns["_time"] = pa.array(np.zeros(batch.num_rows, dtype=np.int64))
+    columns["_seq"] = pa.array(np.arange(first_event, first_event + batch.num_rows, dtype=np.int64))
+    return pa.table(columns)
+
+
+def read_events(source: Source, opts: Options, first_event: int) -> Iterator[pa.Table]:
+    """Validated event chunks of one source file."""
+    if not source.path.is_file():
+        raise FileNotFoundError(f"input file does not exist: {source.path}")
+    chunks = _csv_chunks(source, opts) if source.fmt == "csv" else _parquet_chunks(source, opts)
+    # Line numbers count from 1 and include a CSV header line.
+    line = 2 if source.fmt == "csv" and source.csv_names is None else 1
+    for batch in chunks:
+        if batch.num_rows:
+            yield normalise_chunk(batch, source, line, first_event)
+            line += batch.num_rows
+            first_event += batch.num_rows
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _nested(values: pa.Array, row_offsets: np.ndarray) -> pa.Array:
+    """list<list<T>> with one value per position and ``row_offsets`` delimiting the users."""
+    if len(values) > np.iinfo(np.int32).max:
+        raise ValueError(f"{len(values)} events in one part: use more --parts")
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(len(values) + 1, dtype=np.int32)), values)
+    return pa.ListArray.from_arrays(pa.array(row_offsets.astype(np.int32)), inner)
+
+
+def group_users(events: pa.Table) -> pa.Table:
+    """One row per user (ascending id), positions oldest first (ties keep the input order)."""
+    events = events.sort_by([("user_id", "ascending"), ("_time", "ascending"), ("_seq", "ascending")])
+    users = events.column("user_id").to_numpy()
+    starts = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]])) if len(users) else np.zeros(0, int)
+    offsets = np.append(starts, len(users))
+    columns = {"user_id": pa.array(users[starts], pa.int64())}
+    for name in OUTPUT_ORDER[1:]:
+        if name in events.column_names:
+            columns[name] = _nested(events.column(name).combine_chunks(), offsets)
+    return pa.table(columns)
+
+
+def write_part(table: pa.Table, path: Path, opts: Options) -> None:
+    # A 1-byte stripe_size closes a stripe after every written batch of rows_per_stripe users (the writer
+    # checks its size estimate after each batch), which gives the reader stripe-level shards.
+    orc.write_table(table, str(path), stripe_size=1, batch_size=opts.rows_per_stripe, compression=opts.compression)
+
+
+def convert(sources: list[Source], opts: Options) -> Stats:
+    """Run both passes; the output folder receives part files only once all of them are written."""
+    if opts.parts < 1 or opts.rows_per_stripe < 1 or opts.chunk_bytes < 1 or opts.chunk_rows < 1:
+        raise ValueError("--parts, --rows-per-stripe, --chunk-bytes and --chunk-rows must be positive")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    stats = Stats()
+    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=opts.out))
+    try:
+        spills = _spill(sources, opts, work, stats)
+        for index, spill in enumerate(spills):
+            part = _load_spill(spill)
+            table = group_users(part) if part is not None else None
+            if table is None or table.num_rows == 0:
+                continue
+            target = work / f"part-{index:05d}.orc"
+            write_part(table, target, opts)
+            stats.users += table.num_rows
+            stats.files.append(target.name)
+        for name in stats.files:
+            (work / name).replace(opts.out / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return stats
+
+
+def _spill(sources: list[Source], opts: Options, work: Path, stats: Stats) -> list[Path]:
+    """Pass 1: every event to the spill file of its part (``user_id % parts``)."""
+    paths = [work / f"spill-{i:05d}.arrow" for i in range(opts.parts)]
+    writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+    try:
+        for source in sources:
+            for chunk in read_events(source, opts, stats.events):
+                stats.events += chunk.num_rows
+                part_of = pc.remainder(chunk.column("user_id"), opts.parts).to_numpy()
+                for part in np.unique(part_of):
+                    rows = chunk.filter(pa.array(part_of == part))
+                    if part not in writers:
+                        writers[part] = ipc.new_stream(paths[part], rows.schema)
+                    writers[part].write_table(rows)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return paths
+
+
+def _load_spill(path: Path) -> pa.Table | None:
+    if not path.exists():
+        return None
+    with ipc.open_stream(path) as reader:
+        return reader.read_all()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _inputs(paths: list[str], suffixes: tuple[str, ...]) -> list[Path]:
+    """Files named on the command line; folders expand to their files with the given suffixes."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                raise ValueError(f"input folder {raw} contains no {'/'.join(suffixes)} files")
+            out.extend(found)
+        elif not path.exists():
+            raise FileNotFoundError(f"input file does not exist: {raw}")
+        else:
+            out.append(path)
+    return out
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="input files or folders")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for part-NNNNN.orc")
+    parser.add_argument("--parts", type=int, default=8,
+                        help="output files (users split by user_id %% parts); default 8")
+    parser.add_argument("--rows-per-stripe", type=int, default=1024, help="users per ORC stripe; default 1024")
+    parser.add_argument("--chunk-bytes", type=int, default=64 << 20, help="CSV bytes read per chunk; default 64 MiB")
+    parser.add_argument("--chunk-rows", type=int, default=1 << 20, help="Parquet rows read per chunk; default 1Mi")
+    parser.add_argument("--compression", default="uncompressed",
+                        choices=["uncompressed", "zstd", "snappy", "lz4", "zlib"],
+                        help="ORC compression; default uncompressed (exact stripe sizes; with a codec stripes "
+                        "hold at least --rows-per-stripe users)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    taobao = sub.add_parser(
+        "taobao", help="Taobao UserBehavior CSV", description="Taobao UserBehavior CSV (no header): "
+        "user_id,item_id,category_id,behavior_type,timestamp -> user_id, item_id, cate_id, behavior_id, timestamp"
+    )
+    _common(taobao)
+    sasrec = sub.add_parser(
+        "sasrec", help="SASRec 'user item' text", description="SASRec text ('user item' per line, space-separated, "
+        "time order within each user) -> user_id, item_id"
+    )
+    _common(sasrec)
+    events = sub.add_parser(
+        "events", help="generic CSV/Parquet event log", description="Generic event log (CSV with a header, or "
+        "Parquet) with a column mapping -> user_id, item_id and the optional columns mapped"
+    )
+    _common(events)
+    events.add_argument("--user", required=True, help="source column of user ids (non-negative integers)")
+    events.add_argument("--item", required=True, help="source column of item ids (non-negative integers)")
+    events.add_argument("--cate", help="source column of category ids (non-negative integers) -> cate_id")
+    events.add_argument("--behavior", help="source column of behaviour names or codes -> behavior_id (strings)")
+    events.add_argument("--time", help="source column of event times -> timestamp (sort key; without it, file order)")
+    events.add_argument("--time-kind", default="int", choices=["int", "string"],
+                        help="sort times as integers (Unix time; default) or as strings (e.g. ISO 8601)")
+    events.add_argument("--format", default="auto", choices=["auto", "csv", "parquet"],
+                        help="input format; auto = by extension (.parquet/.pq, else CSV)")
+    events.add_argument("--delimiter", default=",", help="CSV delimiter; default ','")
+    return parser
+
+
+def sources_from_args(args: argparse.Namespace) -> list[Source]:
+    if args.kind == "taobao":
+        names = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
+        mapping = {"user_id": "user_id", "item_id": "item_id", "cate_id": "category_id",
+                   "behavior_id": "behavior_type", "timestamp": "timestamp"}
+        return [Source(p, "csv", mapping, names) for p in _inputs(args.inputs, (".csv", ".txt"))]
+    if args.kind == "sasrec":
+        mapping = {"user_id": "user", "item_id": "item"}
+        return [Source(p, "csv", mapping, ["user", "item"], " ") for p in _inputs(args.inputs, (".txt",))]
+    mapping = {"user_id": args.user, "item_id": args.item}
+    optional = {"cate_id": args.cate, "behavior_id": args.behavior, "timestamp": args.time}
+    mapping.update({out: src for out, src in optional.items() if src})
+    out = []
+    for path in _inputs(args.inputs, (".csv", ".parquet", ".pq", ".txt", ".tsv")):
+        fmt = args.format if args.format != "auto" else "parquet" if path.suffix in (".parquet", ".pq") else "csv"
+        out.append(Source(path, fmt, mapping, None, args.delimiter, args.time_kind))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = Options(args.out, args.parts, args.rows_per_stripe, args.chunk_bytes, args.chunk_rows, args.compression)
+    started = time.perf_counter()
+    try:
+        stats = convert(sources_from_args(args), opts)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{stats.events} events of {stats.users} users -> {len(stats.files)} files in {args.out} "
+        f"({time.perf_counter() - started:.1f}s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

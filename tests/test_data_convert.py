@@ -1,0 +1,264 @@
+"""Converters (python -m data.convert): Taobao, SASRec and generic event logs -> the seed's ORC schema."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.orc as orc
+import pyarrow.parquet as pq
+import pytest
+
+from data.config import DataConfig, FeatureConfig
+from data.convert import main
+from data.reader import SequenceReader
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TAOBAO = SHARED / "taobao_userbehavior_sample.csv"
+SASREC = SHARED / "amazon_games_sasrec.txt"
+LL_INT = pa.list_(pa.list_(pa.int64()))
+LL_STR = pa.list_(pa.list_(pa.string()))
+
+
+def read_parts(folder: Path) -> pa.Table:
+    files = sorted(folder.glob("part-*.orc"))
+    assert files and not list(folder.glob(".convert-*")), "temporary files left behind"
+    return pa.concat_tables(orc.ORCFile(str(f)).read() for f in files)
+
+
+def run(argv: list) -> int:
+    return main([str(a) for a in argv])
+
+
+def flat(column: pa.ChunkedArray) -> list:
+    """Per row, the first value of every position."""
+    return [[position[0] for position in row] for row in column.to_pylist()]
+
+
+# ------------------------------------------------------------------------------------------- Taobao
+
+
+@pytest.mark.skipif(not TAOBAO.exists(), reason=f"shared Taobao sample not found at {TAOBAO}")
+def test_taobao_sample_round_trip_through_reader(tmp_path: Path) -> None:
+    out = tmp_path / "taobao"
+    # ~200 kB chunks: the 3 MB file streams through 16 chunks.
+    assert run(["taobao", TAOBAO, "--out", out, "--parts", 3, "--rows-per-stripe", 50, "--chunk-bytes", 200_000]) == 0
+    table = read_parts(out)
+    assert table.schema == pa.schema(
+        [("user_id", pa.int64()), ("item_id", LL_INT), ("cate_id", LL_INT), ("behavior_id", LL_STR),
+         ("timestamp", LL_STR)]
+    )
+    assert [orc.ORCFile(str(f)).nstripes for f in sorted(out.glob("*.orc"))] == [6, 6, 6]  # ceil(~271 / 50)
+
+    raw = pacsv.read_csv(TAOBAO, read_options=pacsv.ReadOptions(
+        column_names=["user", "item", "cate", "behavior", "ts"]))
+    assert table.num_rows == 814 == len(set(raw.column("user").to_pylist()))
+    positions = [len(r) for r in table.column("item_id").to_pylist()]
+    assert sum(positions) == raw.num_rows == 84_287
+    behaviors = collections.Counter(b for row in flat(table.column("behavior_id")) for b in row)
+    assert behaviors == {"pv": 75_693, "cart": 4_494, "fav": 2_351, "buy": 1_749}
+    # Time order within each user; same events as the CSV (the sample is already time-ordered per user).
+    expected: dict[int, list] = collections.defaultdict(list)
+    for u, i, c, b, t in zip(*(raw.column(n).to_pylist() for n in raw.column_names)):
+        expected[u].append((i, c, b, str(t)))
+    for row in table.to_pylist():
+        times = [int(t[0]) for t in row["timestamp"]]
+        assert times == sorted(times)
+        got = [(i[0], c[0], b[0], t[0]) for i, c, b, t in
+               zip(row["item_id"], row["cate_id"], row["behavior_id"], row["timestamp"])]
+        assert sorted(got, key=lambda e: int(e[3])) == sorted(expected[row["user_id"]], key=lambda e: int(e[3]))
+
+    # The reader reads it back as the trainer would (seed features, hashing on the strings).
+    cfg = DataConfig(
+        data_paths=str(out), batch_size=64, seq_len=100_000, read_threads=2, drop_remainder=False,
+        features=[
+            FeatureConfig("item_id", hash_bucket_size=1 << 40), FeatureConfig("cate_id", hash_bucket_size=1 << 40),
+            FeatureConfig("behavior_id", hash_type="murmur", hash_bucket_size=16),
+            FeatureConfig("timestamp", hash_type="farm", hash_bucket_size=4096),
+        ],
+    )
+    batches = list(SequenceReader(cfg))
+    assert sum(b.batch_size for b in batches) == 814
+    assert sum(int(b.seq_lengths.sum()) for b in batches) == 84_287
+    first = batches[0]
+    assert first.item_ids[0, : int(first.seq_lengths[0])].tolist() == flat(table.column("item_id"))[0]
+
+
+def test_taobao_sorts_by_time_and_chunking_does_not_matter(tmp_path: Path) -> None:
+    src = tmp_path / "tb.csv"
+    src.write_text("2,20,5,pv,300\n1,10,5,pv,200\n2,21,5,buy,100\n1,11,6,cart,200\n1,12,6,fav,150\n3,30,7,pv,1\n")
+    assert run(["taobao", src, "--out", tmp_path / "a", "--parts", 2]) == 0
+    assert run(["taobao", src, "--out", tmp_path / "b", "--parts", 2, "--chunk-bytes", 16]) == 0
+    a, b = read_parts(tmp_path / "a"), read_parts(tmp_path / "b")
+    assert a.equals(b)
+    rows = {r["user_id"]: r for r in a.to_pylist()}
+    # Time-ordered; equal times keep the input order (10 before 11).
+    assert flat_row(rows[1]["item_id"]) == [12, 10, 11]
+    assert flat_row(rows[1]["behavior_id"]) == ["fav", "pv", "cart"]
+    assert flat_row(rows[2]["item_id"]) == [21, 20] and flat_row(rows[2]["timestamp"]) == ["100", "300"]
+    # user_id % parts decides the file.
+    assert sorted(orc.ORCFile(str(tmp_path / "a" / "part-00000.orc")).read().column("user_id").to_pylist()) == [2]
+
+
+def flat_row(row: list) -> list:
+    return [p[0] for p in row]
+
+
+# ------------------------------------------------------------------------------------------- SASRec
+
+
+@pytest.mark.skipif(not SASREC.exists(), reason=f"shared SASRec Games data not found at {SASREC}")
+def test_sasrec_games(tmp_path: Path) -> None:
+    assert run(["sasrec", SASREC, "--out", tmp_path / "games", "--parts", 2, "--chunk-bytes", 500_000]) == 0
+    table = read_parts(tmp_path / "games")
+    assert table.column_names == ["user_id", "item_id"]
+    assert table.num_rows == 31_013
+    assert sum(len(r) for r in table.column("item_id").to_pylist()) == 287_107
+
+
+def test_sasrec_keeps_line_order(tmp_path: Path) -> None:
+    src = tmp_path / "s.txt"
+    src.write_text("1 5\n1 3\n2 9\n1 4\n")
+    assert run(["sasrec", src, "--out", tmp_path / "o", "--parts", 1]) == 0
+    rows = read_parts(tmp_path / "o").to_pylist()
+    assert [(r["user_id"], flat_row(r["item_id"])) for r in rows] == [(1, [5, 3, 4]), (2, [9])]
+
+
+# ------------------------------------------------------------------------------------------- events
+
+
+def test_events_csv_with_mapping(tmp_path: Path) -> None:
+    src = tmp_path / "log.csv"
+    src.write_text("uid,ts,sku,kind,extra\n7,2024-01-02,100,click,x\n7,2024-01-01,101,view,y\n8,2024-01-01,100,buy,z\n")
+    argv = ["events", src, "--out", tmp_path / "o", "--parts", 1, "--user", "uid", "--item", "sku",
+            "--behavior", "kind", "--time", "ts", "--time-kind", "string"]
+    assert run(argv) == 0
+    table = read_parts(tmp_path / "o")
+    assert table.column_names == ["user_id", "item_id", "behavior_id", "timestamp"]
+    rows = table.to_pylist()
+    assert flat_row(rows[0]["item_id"]) == [101, 100] and flat_row(rows[0]["behavior_id"]) == ["view", "click"]
+    assert flat_row(rows[0]["timestamp"]) == ["2024-01-01", "2024-01-02"]
+
+
+def test_events_parquet_in_small_chunks(tmp_path: Path) -> None:
+    n = 1000
+    rng = np.random.default_rng(0)
+    users, times = rng.integers(0, 50, n), rng.permutation(n)
+    pq.write_table(pa.table({"u": pa.array(users, pa.int32()), "i": pa.array(np.arange(n), pa.int64()),
+                             "c": pa.array(np.arange(n) % 7, pa.uint8()), "t": pa.array(times, pa.int64())}),
+                   tmp_path / "ev.parquet", row_group_size=100)
+    argv = ["events", tmp_path / "ev.parquet", "--out", tmp_path / "o", "--parts", 4, "--chunk-rows", 37,
+            "--user", "u", "--item", "i", "--cate", "c", "--time", "t", "--rows-per-stripe", 5]
+    assert run(argv) == 0
+    table = read_parts(tmp_path / "o")
+    assert table.num_rows == len(set(users.tolist()))
+    for row in table.to_pylist():
+        items = flat_row(row["item_id"])
+        assert [int(t[0]) for t in row["timestamp"]] == sorted(times[items].tolist())
+        assert all(users[i] == row["user_id"] for i in items)
+        assert flat_row(row["cate_id"]) == [i % 7 for i in items]
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def _events_csv(tmp_path: Path, body: str) -> Path:
+    src = tmp_path / "bad.csv"
+    src.write_text("user,item,time\n" + body)
+    return src
+
+
+def _convert_events(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture, **extra: str) -> str:
+    argv = ["events", src, "--out", tmp_path / "o", "--user", "user", "--item", "item", "--time", "time"]
+    for key, value in extra.items():
+        argv += [f"--{key}", value]
+    assert run(argv) == 1
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("1,2,3\n1,abc,4\n", r"bad\.csv, column 'item', line 3: not an integer id: 'abc'"),
+        ("1,2,3\n1,,4\n", r"bad\.csv, column 'item', line 3: empty value"),
+        ("1,2,3\n-4,2,4\n", r"bad\.csv, column 'user', line 3: negative id: '-4'"),
+        ("1,2,3\n1,9999999999999999999,4\n", r"bad\.csv, column 'item', line 3: id 9{19} is beyond int64"),
+        ("1,2,3\n1,2,1.5\n", r"bad\.csv, column 'time', line 3: not an integer id: '1.5'"),
+    ],
+)
+def test_bad_csv_values_name_file_column_and_line(tmp_path: Path, capsys: pytest.CaptureFixture, body: str,
+                                                  expected: str) -> None:
+    import re
+
+    err = _convert_events(tmp_path, _events_csv(tmp_path, body), capsys)
+    assert re.search(expected, err), err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())  # nothing half-written
+
+
+def test_missing_csv_column(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    err = _convert_events(tmp_path, _events_csv(tmp_path, "1,2,3\n"), capsys, cate="category")
+    assert "bad.csv, column 'category'" in err and "missing" in err
+
+
+def test_taobao_wrong_column_count_names_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "tb.csv"
+    src.write_text("1,2,3,pv,100\n1,2,3,pv\n")
+    assert run(["taobao", src, "--out", tmp_path / "o"]) == 1
+    err = capsys.readouterr().err
+    assert "tb.csv: cannot parse as CSV" in err and "columns" in err
+
+
+def test_taobao_null_behavior(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "tb.csv"
+    src.write_text("1,2,3,pv,100\n1,2,3,,101\n")
+    assert run(["taobao", src, "--out", tmp_path / "o"]) == 1
+    assert "tb.csv, column 'behavior_type', line 2: empty value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "expected"),
+    [
+        ("i", pa.array([1.5, 2.5]), "column 'i': has Arrow type double; expected integer ids"),
+        ("i", pa.array([1, None], pa.int64()), "column 'i', line 2: empty (null) value"),
+        ("i", pa.array([1, -2], pa.int64()), "column 'i', line 2: negative id: -2"),
+        ("i", pa.array([1, 2**63], pa.uint64()), "column 'i': id beyond int64"),
+    ],
+)
+def test_bad_parquet_values(tmp_path: Path, capsys: pytest.CaptureFixture, column: str, values: pa.Array,
+                            expected: str) -> None:
+    pq.write_table(pa.table({"u": pa.array([1, 2], pa.int64()), column: values}), tmp_path / "ev.parquet")
+    assert run(["events", tmp_path / "ev.parquet", "--out", tmp_path / "o", "--user", "u", "--item", "i"]) == 1
+    err = capsys.readouterr().err
+    assert "ev.parquet" in err and expected in err, err
+
+
+def test_missing_parquet_column(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pq.write_table(pa.table({"u": pa.array([1], pa.int64())}), tmp_path / "ev.parquet")
+    assert run(["events", tmp_path / "ev.parquet", "--out", tmp_path / "o", "--user", "u", "--item", "sku"]) == 1
+    err = capsys.readouterr().err
+    assert "ev.parquet, column 'sku': column is missing" in err
+
+
+def test_truncated_parquet_and_missing_file_and_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pq.write_table(pa.table({"u": pa.array(range(1000)), "i": pa.array(range(1000))}), tmp_path / "ev.parquet")
+    data = (tmp_path / "ev.parquet").read_bytes()
+    (tmp_path / "ev.parquet").write_bytes(data[: len(data) // 2])
+    base = ["--out", tmp_path / "o", "--user", "u", "--item", "i"]
+    assert run(["events", tmp_path / "ev.parquet", *base]) == 1
+    assert "ev.parquet: cannot read as Parquet" in capsys.readouterr().err
+    assert run(["events", tmp_path / "nope.csv", *base]) == 1
+    assert "input file does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run(["events", tmp_path / "empty", *base]) == 1
+    assert "input folder" in capsys.readouterr().err
+
+
+def test_help_of_every_subcommand(capsys: pytest.CaptureFixture) -> None:
+    for kind in ("taobao", "sasrec", "events"):
+        with pytest.raises(SystemExit) as info:
+            main([kind, "--help"])
+        assert info.value.code == 0
+        assert "--out" in capsys.readouterr().out
