@@ -28,6 +28,9 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
         Same as above.
   ./launch.sh test [PYTEST ARGS...]
         Run the test suite (python -m pytest). This is the project's test command.
+  ./launch.sh plan CONFIG.toml --world-size N --hbm-gb G [--local-world-size M] [--ddr-gb D]
+                   [--batch-size B] [--json] [overrides...]
+        Dry run of the embedding sharding plan for N GPUs (no GPU needed); exits 1 if it does not fit.
   ./launch.sh setup
         Only create/update the environment and check the dependency set.
   ./launch.sh help | -h | --help
@@ -240,6 +243,12 @@ run_train() {
         --nproc_per_node "$ranks" --cpu "$cpus" --gpu "$gpus" "${overrides[@]}"
 }
 
+run_plan() {
+    # Dry run of the embedding sharding for a GPU cluster; needs no GPU (see trainer/plan.py).
+    ensure_env 0
+    exec "$VENV_PY" -m trainer.plan "$@"
+}
+
 run_tests() {
     ensure_env 1
     exec "$VENV_PY" -m pytest "$@"
@@ -265,7 +274,11 @@ main() {
             if (($# > 0)); then shift; fi
             run_train "$@"
             ;;
-        # plan | eval | export) later subcommands go here, each a run_<name> function that calls
+        plan)
+            shift
+            run_plan "$@"
+            ;;
+        # eval | export) later subcommands go here, each a run_<name> function that calls
         # ensure_env first.
         *.toml | --*)
             run_train "$@"

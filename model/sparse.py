@@ -6,13 +6,26 @@ The collection is built on whatever device it is given; the trainer builds it on
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
+from torchrec.modules.mc_modules import (
+    DistanceLFU_EvictionPolicy,
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHEvictionPolicy,
+    MCHManagedCollisionModule,
+)
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data.config import FeatureConfig
+
+logger = logging.getLogger(__name__)
 
 # RecIS's TruncNormalInitializer(std=0.001), truncated at two standard deviations like TF's.
 EMBEDDING_INIT_STD = 0.001
@@ -55,12 +68,21 @@ class PositionMeanPooling(nn.Module):
     data-dependent shapes.
     """
 
-    def __init__(self, feature_names: list[str]) -> None:
+    def __init__(self, feature_names: list[str], managed_names: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.feature_names = feature_names
+        # Features whose embeddings come from the managed-collision collection (the second argument).
+        self.managed_names = frozenset(managed_names)
 
-    def forward(self, embeddings: dict[str, JaggedTensor]) -> torch.Tensor:
-        return torch.cat([self._mean(embeddings[name]) for name in self.feature_names], dim=-1)
+    def forward(
+        self, embeddings: dict[str, JaggedTensor] | None, managed: dict[str, JaggedTensor] | None = None
+    ) -> torch.Tensor:
+        # Plain indexing only: under DMP the arguments may be TorchRec lazy awaitables of dicts.
+        pooled = [
+            self._mean((managed if name in self.managed_names else embeddings)[name])  # type: ignore[index]
+            for name in self.feature_names
+        ]
+        return torch.cat(pooled, dim=-1)
 
     @staticmethod
     def _mean(jt: JaggedTensor) -> torch.Tensor:
@@ -76,12 +98,124 @@ class PositionMeanPooling(nn.Module):
 
 
 class SparseArch(nn.Module):
-    """KJT (one bag per position, stride ``B*T``) -> ``[B*T, emb_size]`` concatenated mean embeddings."""
+    """KJT (one bag per position, stride ``B*T``) -> ``[B*T, emb_size]`` concatenated mean embeddings.
+
+    Tables of fixed size live in ``embedding_collection``; tables of unbounded hashed ids (bucket 0) in
+    ``mc_embedding_collection``, a managed-collision collection (TorchRec requires a managed-collision
+    module for every table of one). Both read the same KJT and pick their own keys, so each stays a
+    module fed straight from the batch, which TorchRec's pipeline needs to pipeline its input dist.
+    """
 
     def __init__(self, features: list[FeatureConfig], device: torch.device | None = None) -> None:
         super().__init__()
-        self.embedding_collection = EmbeddingCollection(tables=embedding_configs(features), device=device)
-        self.pooling = PositionMeanPooling([f.name for f in features])
+        plain = [f for f in features if not f.managed_collision]
+        managed = [f for f in features if f.managed_collision]
+        self.embedding_collection = (
+            EmbeddingCollection(tables=embedding_configs(plain), device=device) if plain else None
+        )
+        self.mc_embedding_collection = managed_collision_collection(managed, device) if managed else None
+        self.pooling = PositionMeanPooling([f.name for f in features], tuple(f.name for f in managed))
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.pooling(self.embedding_collection(features))
+        plain: dict[str, JaggedTensor] | None = None
+        managed: dict[str, JaggedTensor] | None = None
+        if self.embedding_collection is not None:
+            plain = self.embedding_collection(features)
+        if self.mc_embedding_collection is not None:
+            # (embeddings, remapped ids or None): index rather than unpack, which fx tracing cannot do.
+            managed = self.mc_embedding_collection(features)[0]
+        return self.pooling(plain, managed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Managed collisions: unbounded 63-bit ids -> a fixed number of rows, without collisions until it is full
+
+
+_EVICTION_POLICIES: dict[str, type[MCHEvictionPolicy]] = {
+    "distance_lfu": DistanceLFU_EvictionPolicy,
+    "lfu": LFU_EvictionPolicy,
+    "lru": LRU_EvictionPolicy,
+}
+
+
+class CountingMCHModule(MCHManagedCollisionModule):
+    """``MCHManagedCollisionModule`` that counts the ids it admits and evicts, and logs them.
+
+    TorchRec rebuilds the module per shard with ``type(self)(...)``, so every rank's shard counts its own
+    rows. ``evict()`` returns the slots (re)filled at an admission round: new ids that took a free slot
+    plus ids that took an evicted id's slot; the drop in free slots tells the two apart.
+    """
+
+    # Log a line every this many admission rounds that evicted something (and on the first one).
+    LOG_EVERY_ROUNDS = 100
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.admitted_total = 0
+        self.evicted_total = 0
+        self._rounds_with_evictions = 0
+        self._free_slots = self._zch_size
+
+    @torch.no_grad()
+    def evict(self) -> torch.Tensor | None:
+        slots = super().evict()
+        if slots is None or self.device.type == "meta":
+            return slots
+        free_now = int(self.open_slots().item())
+        admitted = int(slots.numel())
+        evicted = max(0, admitted - (self._free_slots - free_now))
+        self._free_slots = free_now
+        self.admitted_total += admitted
+        self.evicted_total += evicted
+        if evicted:
+            if self._rounds_with_evictions % self.LOG_EVERY_ROUNDS == 0:
+                logger.info(
+                    "managed collisions %s (%d rows here): %d ids admitted, %d evicted this round; %d admitted, "
+                    "%d evicted so far",
+                    self._name, self._zch_size, admitted, evicted, self.admitted_total, self.evicted_total,
+                )  # fmt: skip
+            self._rounds_with_evictions += 1
+        return slots
+
+
+def managed_collision_collection(
+    features: list[FeatureConfig], device: torch.device | None = None
+) -> ManagedCollisionEmbeddingCollection:
+    """An MC-EC over bucket-0 features: each table gets an MCH module of ``mc_capacity`` rows."""
+    device = device or torch.device("cpu")
+    tables = embedding_configs(features)
+    settings = {f.shard_name: f for f in features}
+    modules: dict[str, MCHManagedCollisionModule] = {}
+    for table in tables:
+        f = settings[table.name]
+        modules[table.name] = CountingMCHModule(
+            zch_size=f.mc_capacity,
+            device=device,
+            eviction_policy=_EVICTION_POLICIES[f.mc_eviction_policy](),
+            eviction_interval=f.mc_eviction_interval,
+            name=table.name,
+        )
+    return ManagedCollisionEmbeddingCollection(
+        EmbeddingCollection(tables=tables, device=device),
+        ManagedCollisionCollection(modules, tables),
+        return_remapped_features=False,
+    )
+
+
+def set_mc_buckets(module: nn.Module, buckets: int) -> None:
+    """Row-wise sharding routes raw ids to ranks in ``buckets`` equal ranges of the id space; TorchRec needs
+    at least one bucket per rank. The world size is only known at sharding time, after the model is built
+    (and MCH has no setter), hence the attribute."""
+    for m in module.modules():
+        if isinstance(m, MCHManagedCollisionModule):
+            m._buckets = buckets
+
+
+def managed_collision_stats(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{table: (admitted, evicted)}`` over this rank's managed-collision shards."""
+    stats: dict[str, tuple[int, int]] = {}
+    for m in module.modules():
+        if isinstance(m, CountingMCHModule) and m.device.type != "meta":
+            admitted, evicted = stats.get(m._name or "", (0, 0))
+            stats[m._name or ""] = (admitted + m.admitted_total, evicted + m.evicted_total)
+    return stats

@@ -249,13 +249,17 @@ def _validate_features(features: list[FeatureConfig]) -> None:
             raise ConfigError(f"{key}.emb_dim must be > 0")
         if f.hash_bucket_size < 0:
             raise ConfigError(f"{key}.hash_bucket_size must be >= 0")
-        if f.hash_bucket_size == 0 and f.hash_type != "none":
-            # RecIS's bucket 0 means an unbounded 63-bit id in a dynamic table; a fixed TorchRec table
-            # would need a silent modulo, which we refuse (managed-collision tables come with sharding work).
+        if f.managed_collision and f.mc_capacity <= 0:
+            # RecIS's bucket 0 means an unbounded 63-bit id in a dynamic table; TorchRec tables have fixed
+            # rows, so the ids go through a managed-collision module whose capacity must be given (never a
+            # silent modulo).
             raise ConfigError(
-                f"{key}: hash_bucket_size = 0 with hash_type = {f.hash_type!r} (unbounded ids) is not supported "
-                "yet; set a hash_bucket_size"
+                f"{key}: hash_bucket_size = 0 with hash_type = {f.hash_type!r} means unbounded ids; set "
+                "mc_capacity (rows of the managed-collision table) or a hash_bucket_size"
             )
+        if f.mc_capacity and not f.managed_collision:
+            raise ConfigError(f"{key}.mc_capacity applies only to hashed features with hash_bucket_size = 0")
+        _validate_sharding_fields(f, key)
         if f.table_rows <= 0:
             raise ConfigError(f"{key}: set hash_bucket_size or num_embeddings (the table needs a row count)")
         other = tables.setdefault(f.shard_name, f)
@@ -263,6 +267,41 @@ def _validate_features(features: list[FeatureConfig]) -> None:
             raise ConfigError(
                 f"{key}: shares table {f.shard_name!r} with {other.name!r} but has another emb_dim or row count"
             )
+        if _table_settings(other) != _table_settings(f):
+            raise ConfigError(
+                f"{key}: shares table {f.shard_name!r} with {other.name!r} but has other sharding or "
+                "managed-collision settings"
+            )
+
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
+COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
+
+
+def _table_settings(f: FeatureConfig) -> tuple[object, ...]:
+    """Per-table settings that features sharing a table must agree on."""
+    return (
+        f.managed_collision, sorted(f.sharding_types), sorted(f.compute_kernels), f.cache_load_factor,
+        f.mc_eviction_policy, f.mc_eviction_interval,
+    )  # fmt: skip
+
+
+def _validate_sharding_fields(f: FeatureConfig, key: str) -> None:
+    for value in f.sharding_types:
+        if value not in SHARDING_TYPES:
+            raise ConfigError(f"{key}.sharding_types: {value!r} is not one of {list(SHARDING_TYPES)}")
+    for value in f.compute_kernels:
+        if value not in COMPUTE_KERNELS:
+            raise ConfigError(f"{key}.compute_kernels: {value!r} is not one of {list(COMPUTE_KERNELS)}")
+    if not 0.0 <= f.cache_load_factor <= 1.0:
+        raise ConfigError(f"{key}.cache_load_factor must be in [0, 1], got {f.cache_load_factor}")
+    if f.pooling_factor <= 0:
+        raise ConfigError(f"{key}.pooling_factor must be > 0, got {f.pooling_factor}")
+    if f.mc_eviction_interval < 1:
+        raise ConfigError(f"{key}.mc_eviction_interval must be >= 1, got {f.mc_eviction_interval}")
+    if f.managed_collision and any(t != "row_wise" for t in f.sharding_types):
+        # TorchRec shards managed-collision tables row-wise only (the remapping is per row range).
+        raise ConfigError(f"{key}.sharding_types: a managed-collision table (bucket 0) can only be row_wise")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,14 +13,22 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
+from torchrec.distributed.mc_modules import ManagedCollisionCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    Stats,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingEnv, ShardingPlan
 
-from model.sparse import trunc_normal_init_
+from data.config import FeatureConfig
+from model.sparse import set_mc_buckets, trunc_normal_init_
 from trainer.config import JobConfig, OptimConfig
 from trainer.dist import DistContext
 
@@ -68,33 +76,141 @@ def fused_params(cfg: OptimConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-def plan_sharding(
-    model: nn.Module, cfg: JobConfig, ctx: DistContext, sharders: list[EmbeddingCollectionSharder]
-) -> ShardingPlan:
+def mc_fused_params(cfg: OptimConfig, device: torch.device) -> dict[str, Any]:
+    """fbgemm arguments of managed-collision tables.
+
+    Admitting ids resets the evicted rows' weights and optimizer state; for EXACT_ROWWISE_ADAGRAD fbgemm does
+    it with ``fbgemm::reset_weight_momentum``, which has no CPU kernel. On CPU those tables therefore use
+    EXACT_ADAGRAD (whose reset fbgemm skips; TorchRec re-initialises the weights) and the log says so.
+    """
+    params = fused_params(cfg, device)
+    if device.type == "cpu" and params["optimizer"] == EmbOptimType.EXACT_ROWWISE_ADAGRAD:
+        logger.warning(
+            "managed-collision tables: fbgemm cannot reset row-wise Adagrad state on CPU at evictions; "
+            "using EXACT_ADAGRAD for them"
+        )
+        params["optimizer"] = EmbOptimType.EXACT_ADAGRAD
+    return params
+
+
+def make_sharders(cfg: JobConfig, device: torch.device) -> list[ModuleSharder[nn.Module]]:
+    """One sharder per kind of embedding module the model holds (see ``model.sparse.SparseArch``)."""
+    sharders: list[ModuleSharder[nn.Module]] = [
+        EmbeddingCollectionSharder(fused_params=fused_params(cfg.optim, device))  # type: ignore[list-item]
+    ]
+    if any(f.managed_collision for f in cfg.data.features):
+        sharders.append(
+            ManagedCollisionEmbeddingCollectionSharder(  # type: ignore[arg-type]
+                EmbeddingCollectionSharder(fused_params=mc_fused_params(cfg.optim, device)),
+                ManagedCollisionCollectionSharder(),
+            )
+        )
+    return sharders
+
+
+def table_constraints(features: list[FeatureConfig], compute_device: str) -> dict[str, ParameterConstraints]:
+    """Planner constraints per table (``shard_name``) from the features' sharding settings."""
+    constraints: dict[str, ParameterConstraints] = {}
+    for table, group in _tables(features).items():
+        f = group[0]  # config validation makes the features of one table agree
+        sharding_types = list(f.sharding_types) or None
+        kernels = list(f.compute_kernels) or None
+        if f.managed_collision:
+            # TorchRec shards managed-collision tables row-wise only.
+            sharding_types = ["row_wise"]
+        if compute_device == "cpu":
+            kernels = _cpu_kernels(table, sharding_types, kernels)
+        constraints[table] = ParameterConstraints(
+            sharding_types=sharding_types,
+            compute_kernels=kernels,
+            cache_params=CacheParams(load_factor=f.cache_load_factor) if f.cache_load_factor > 0 else None,
+            # One entry per feature reading the table: ids per bag (position).
+            pooling_factors=[g.pooling_factor for g in group],
+        )
+    return constraints
+
+
+def _cpu_kernels(table: str, sharding_types: list[str] | None, kernels: list[str] | None) -> list[str]:
+    """fbgemm on CPU has only "fused" (sharded) and "dense" (data-parallel) kernels; left open, the planner
+    may pick UVM kernels and fail. "dense" only when asked for: fbgemm's CPU dense kernel ignores
+    PoolingMode.NONE and sums each bag, so a data-parallel EmbeddingCollection gets one row per position
+    instead of one per id (right only when every position holds exactly one id; see tests/test_sharding.py).
+    """
+    if sharding_types and "data_parallel" in sharding_types:
+        logger.warning(
+            "table %s: data_parallel on CPU uses fbgemm's dense CPU kernel, which sums the ids of a position; "
+            "only positions with exactly one id embed correctly (CUDA is not affected)",
+            table,
+        )
+        return ["dense"] if sharding_types == ["data_parallel"] else ["fused", "dense"]
+    return ["fused"]
+
+
+def _tables(features: list[FeatureConfig]) -> dict[str, list[FeatureConfig]]:
+    tables: dict[str, list[FeatureConfig]] = {}
+    for f in features:
+        tables.setdefault(f.shard_name, []).append(f)
+    return tables
+
+
+def make_planner(
+    cfg: JobConfig,
+    world_size: int,
+    local_world_size: int,
+    compute_device: str,
+    hbm_cap_bytes: int | None = None,
+    ddr_cap_bytes: int | None = None,
+    batch_size: int | None = None,
+    stats: list[Stats] | None = None,
+) -> EmbeddingShardingPlanner:
+    """The planner the trainer and the dry run (``trainer.plan``) share.
+
+    ``batch_size`` is users per rank (default ``data.batch_size``); capacities default to the planner's
+    (the local device's, or TorchRec's defaults when planning for a device this machine does not have).
+    """
     topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=ctx.world_size, local_world_size=ctx.local_world_size),
-        kernel_config=KernelConfig(compute_device=ctx.device.type),
+        trainer_config=TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            hbm_cap_bytes=hbm_cap_bytes,
+            ddr_cap_bytes=ddr_cap_bytes,
+        ),
+        kernel_config=KernelConfig(compute_device=compute_device),
     )
-    constraints = None
-    if ctx.device.type == "cpu":
-        # On CPU only "fused" (sharded) and "dense" (data-parallel) exist; left open, the planner may
-        # pick UVM kernels and fail.
-        tables = [t.name for m in model.modules() if isinstance(m, EmbeddingCollection) for t in m.embedding_configs()]
-        constraints = {t: ParameterConstraints(compute_kernels=["fused", "dense"]) for t in tables}
-    planner = EmbeddingShardingPlanner(
+    return EmbeddingShardingPlanner(
         topology=topology,
-        # One bag per position: the lookups per rank and step are batch_size * seq_len bags of ~1 id.
-        batch_size=cfg.data.batch_size * cfg.data.seq_len,
-        constraints=constraints,
+        # One bag per position: the lookups per rank and step are batch_size * seq_len bags.
+        batch_size=(batch_size or cfg.data.batch_size) * cfg.data.seq_len,
+        constraints=table_constraints(cfg.data.features, compute_device),
         # The heuristic reservation guesses dense sizes from materialised tensors, which a meta model lacks.
         storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
+        stats=stats,
     )
+
+
+def prepare_for_planning(model: nn.Module, world_size: int) -> None:
+    """What the model needs to know about the job before it is planned: the MCH id-space buckets."""
+    set_mc_buckets(model, world_size)
+
+
+def plan_sharding(
+    model: nn.Module, cfg: JobConfig, ctx: DistContext, sharders: list[ModuleSharder[nn.Module]]
+) -> ShardingPlan:
+    """Plan on rank 0 and broadcast it, so every rank shards the same way."""
+    planner = make_planner(cfg, ctx.world_size, ctx.local_world_size, ctx.device.type)
     return planner.collective_plan(model, sharders, ctx.control_group if ctx.backend == "gloo" else None)
 
 
 def shard_model(model: nn.Module, cfg: JobConfig, ctx: DistContext) -> DistributedModelParallel:
     """Plan (on rank 0, broadcast) and wrap the meta-device model in DMP; re-init the embedding shards."""
-    sharders = [EmbeddingCollectionSharder(fused_params=fused_params(cfg.optim, ctx.device))]
+    for f in cfg.data.features:
+        if f.managed_collision and f.mc_capacity % ctx.world_size:
+            raise ValueError(
+                f"data.features ({f.name}): mc_capacity {f.mc_capacity} must be a multiple of the world size "
+                f"{ctx.world_size} (managed-collision tables are split evenly across ranks)"
+            )
+    prepare_for_planning(model, ctx.world_size)
+    sharders = make_sharders(cfg, ctx.device)
     plan = plan_sharding(model, cfg, ctx, sharders)
     if ctx.is_main:
         logger.info("sharding plan:\n%s", plan)
@@ -103,7 +219,7 @@ def shard_model(model: nn.Module, cfg: JobConfig, ctx: DistContext) -> Distribut
         env=ShardingEnv.from_process_group(torch.distributed.group.WORLD),
         device=ctx.device,
         plan=plan,
-        sharders=sharders,  # type: ignore[arg-type]
+        sharders=sharders,
     )
     init_embedding_shards_(dmp, seed=cfg.train.seed)
     return dmp
