@@ -41,6 +41,11 @@ class OptimConfig:
     sparse_beta1: float = 0.9
     sparse_beta2: float = 0.999
     sparse_eps: float = 1e-8
+    # Learning-rate schedule, applied to dense and sparse rates alike: linear warmup over warmup_steps,
+    # then constant or decaying (linear / cosine) to min_lr_ratio x the rate at train.train_steps.
+    warmup_steps: int = 0
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -51,8 +56,14 @@ class TrainConfig:
     # ... or after this many passes over the data (0 = no epoch limit). At least one must be set.
     train_epochs: int = 1
     log_steps: int = 10
-    # Checkpoint interval, kept so the seed's settings can be written down; checkpoints are not written yet.
+    # Write a checkpoint every save_steps steps and at the end (0 = no checkpoints).
     save_steps: int = 0
+    # Complete checkpoints kept in output_dir; older ones are removed once a newer one is complete (0 = all).
+    max_to_keep: int = 3
+    # Continue from the latest complete checkpoint in output_dir when there is one (RecIS behaviour).
+    resume: bool = True
+    # Continue from this checkpoint folder instead (takes precedence over the automatic choice).
+    resume_from: str = ""
     seed: int = 2025
     # "auto": CUDA with NCCL when a GPU is visible, else CPU with gloo.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -227,6 +238,13 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("train.train_steps and train.train_epochs must be >= 0")
     if t.train_steps == 0 and t.train_epochs == 0:
         raise ConfigError("set train.train_steps or train.train_epochs (both are 0: the run would never end)")
+    if t.save_steps < 0 or t.max_to_keep < 0:
+        raise ConfigError("train.save_steps and train.max_to_keep must be >= 0")
+    o = cfg.optim
+    if o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    if o.lr_decay != "constant" and t.train_steps == 0:
+        raise ConfigError(f"optim.lr_decay = {o.lr_decay!r} decays towards train.train_steps, which is 0")
     if len(cfg.optim.dense_betas) != 2:
         raise ConfigError("optim.dense_betas must hold two numbers")
 

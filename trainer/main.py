@@ -26,7 +26,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--check-config", action="store_true", help="load and validate the config, print it resolved, and exit"
     )
-    return parser.parse_known_args(argv)
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume-from", metavar="PATH", help="continue from this checkpoint folder")
+    resume.add_argument(
+        "--no-resume", action="store_true", help="start fresh even if output_dir holds checkpoints"
+    )
+    args, overrides = parser.parse_known_args(argv)
+    # The flags are spellings of config keys, so the resolved config records them.
+    if args.resume_from:
+        overrides.append(f"--train.resume_from={args.resume_from}")
+    if args.no_resume:
+        overrides.append("--train.resume=false")
+    return args, overrides
 
 
 def setup_logging() -> None:
@@ -38,6 +49,7 @@ def setup_logging() -> None:
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
+        force=True,  # replace any handler an imported library installed first
     )
     for ours in ("trainer", "data", "model"):
         logging.getLogger(ours).setLevel(logging.INFO)
@@ -75,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: JobConfig) -> int:
     # Imported late: torchrec takes seconds to import, and config errors should not wait for it.
     from trainer.dist import destroy_distributed, init_distributed
+    from trainer.checkpoint import CheckpointError
     from trainer.metrics import NonFiniteLossError
     from trainer.trainer import Trainer
 
     try:
         ctx = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         Trainer(cfg, ctx).train()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+    except (FileNotFoundError, ValueError, NonFiniteLossError, CheckpointError) as e:
         # Bad input (data files, values, settings): the message names what to fix; no traceback needed.
         logger.error("%s: %s", type(e).__name__, e)
         return 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import sys
 import time
@@ -48,26 +47,44 @@ class NonFiniteLossError(RuntimeError):
 class MetricLogger:
     """Keeps running sums on the training device so that steps between log lines never sync the host."""
 
-    def __init__(self, ctx: DistContext, output_dir: Path, total_steps: int, progress_bar: bool) -> None:
+    def __init__(
+        self, ctx: DistContext, output_dir: Path, total_steps: int, progress_bar: bool, start_step: int = 0
+    ) -> None:
         self.ctx = ctx
         self.total_steps = total_steps
+        # First step whose loss was not finite (-1: none yet); kept on device so no step waits for the host.
+        self._first_nonfinite = torch.tensor(-1, device=ctx.device)
         # loss, steps, hits, targets, tokens, samples
         self._sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
         self._window_start = time.perf_counter()
         self._run_start = self._window_start
         self._jsonl: IO[str] | None = (output_dir / "metrics.jsonl").open("a") if ctx.is_main else None
-        self._bar = _progress_bar(total_steps) if ctx.is_main and progress_bar else None
+        self._bar = _progress_bar(total_steps, start_step) if ctx.is_main and progress_bar else None
         self.history: list[LogRecord] = []
 
-    def update(self, out: Seq2SeqOutput) -> None:
+    def update(self, out: Seq2SeqOutput, step: int) -> None:
+        bad = ~torch.isfinite(out.loss.detach())
+        self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), step, self._first_nonfinite)
         one = torch.ones_like(out.loss, dtype=torch.float32)
         values = [out.loss.detach(), one, out.hits, out.num_targets, out.num_tokens, out.num_samples]
         self._sums += torch.stack([v.to(self._sums.dtype) for v in values])
         if self._bar is not None:
             self._bar.update(1)
 
+    def raise_if_nonfinite(self) -> None:
+        """Stop every rank together, naming the step, if any rank has seen a NaN/inf loss."""
+        first = self._first_nonfinite.cpu().view(1).clone()
+        first[first < 0] = torch.iinfo(torch.int64).max
+        dist.all_reduce(first, op=dist.ReduceOp.MIN, group=self.ctx.control_group)
+        if first.item() != torch.iinfo(torch.int64).max:
+            raise NonFiniteLossError(
+                f"the loss was not finite at step {first.item()}; stopping without writing a checkpoint "
+                "(the last complete checkpoint is left as it was)"
+            )
+
     def log(self, step: int) -> LogRecord:
         """Reduce the window's sums over ranks and write one line (rank 0)."""
+        self.raise_if_nonfinite()
         totals = self._sums.cpu()
         dist.all_reduce(totals, group=self.ctx.control_group)
         loss_sum, steps, hits, targets, tokens, samples = totals.tolist()
@@ -82,8 +99,6 @@ class MetricLogger:
             peak_mem_gib=self._peak_memory_gib(),
             elapsed_s=now - self._run_start,
         )
-        if not math.isfinite(record.loss):
-            raise NonFiniteLossError(f"loss is {record.loss} at step {step} (averaged over the last log window)")
         self.history.append(record)
         if self.ctx.is_main:
             logger.info(record.line(self.total_steps))
@@ -111,12 +126,13 @@ class MetricLogger:
             self._jsonl.close()
 
 
-def _progress_bar(total_steps: int) -> tqdm:
+def _progress_bar(total_steps: int, start_step: int) -> tqdm:
     # Under torchx/torchrun stderr is a pipe into a log file: redraw at most every few seconds there,
     # on a line of its own, instead of flooding the log with carriage-return frames.
     interactive = sys.stderr.isatty()
     return tqdm(
         total=total_steps or None,
+        initial=start_step,
         desc="train",
         unit="step",
         file=sys.stderr if interactive else _LinePerRefresh(sys.stderr),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -28,3 +31,20 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> Combined
         ),
     )
     return CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])
+
+
+def lr_multiplier(step: int, cfg: OptimConfig, train_steps: int) -> float:
+    """Factor on the configured rates before optimizer step ``step + 1`` (0-based ``step``)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return 1.0
+    span = max(train_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    shape = 1.0 - progress if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: CombinedOptimizer, cfg: OptimConfig, train_steps: int) -> LambdaLR:
+    """One schedule for every param group: the fused (sparse) groups read their lr at each step too."""
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, train_steps))

@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +18,11 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from data.batch import SequenceBatch
 from data.reader import SequenceReader
 from model.seq2seq import Seq2SeqModel, Seq2SeqOutput
+from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext
 from trainer.metrics import LogRecord, MetricLogger
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, build_scheduler
 from trainer.sharding import shard_model
 
 logger = logging.getLogger(__name__)
@@ -56,8 +58,6 @@ class Trainer:
         seed_everything(cfg.train.seed, ctx.rank)
         self.output_dir = Path(cfg.train.output_dir)
         self._write_resolved_config()
-        if cfg.train.save_steps:
-            logger.warning("train.save_steps = %d: checkpointing is not implemented yet", cfg.train.save_steps)
 
         # The reader first: it checks every input file's schema, so bad input fails before the slow part.
         self.reader = SequenceReader(cfg.data, rank=ctx.rank, world_size=ctx.world_size, epochs=cfg.train.train_epochs)
@@ -65,6 +65,10 @@ class Trainer:
         model = TrainStep(Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta")))
         self.model = shard_model(model, cfg, ctx)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
+        self.checkpoints = CheckpointManager(self.output_dir, ctx, cfg.train.max_to_keep)
+        self.step = 0
+        self._restore()
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device)
 
     def _write_resolved_config(self) -> None:
@@ -74,44 +78,131 @@ class Trainer:
         # Other ranks may read from output_dir later; make sure it exists before anyone goes on.
         dist.barrier(group=self.ctx.control_group)
 
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _app_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def _resume_path(self) -> Path | None:
+        cfg = self.cfg.train
+        if cfg.resume_from:
+            path = Path(cfg.resume_from)
+            if not path.is_dir():
+                raise FileNotFoundError(f"train.resume_from: checkpoint folder {path} does not exist")
+            return path
+        return self.checkpoints.latest() if cfg.resume else None
+
+    def _restore(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        # Optimizer states are created lazily; they must exist to be loaded into in place.
+        self.optimizer.init_state()
+        state = self._app_state()
+        restored = self.checkpoints.load(path, state, self.cfg)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = restored.step
+        # fbgemm's fused row-wise Adam counts its bias-correction steps itself and does not save the
+        # counter (DESIGN.md §3): set it back, or the first steps after a resume would overshoot.
+        self.optimizer.set_optimizer_step(self.step)
+        self.scheduler.load_state_dict(restored.meta["scheduler"])
+        # The scheduler sets rates only when it steps; put back the ones in force when the checkpoint was taken.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+        if restored.rank_state is None:
+            logger.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: model and optimizer are resharded, "
+                "but the data reader starts from the beginning and RNG streams start fresh",
+                path,
+                restored.meta["world_size"],
+                self.ctx.world_size,
+            )
+        else:
+            self.reader.load_state_dict(restored.rank_state["reader"])
+            set_rng_state(restored.rank_state["rng"])
+        if self.ctx.is_main:
+            logger.info("resumed from %s at step %d", path, self.step)
+
+    def _save(self, batches: StepAlignedBatches, trained: int, metrics: MetricLogger) -> None:
+        # Never write a checkpoint after a non-finite loss: the last complete one stays the one to go back to.
+        metrics.raise_if_nonfinite()
+        rank_state = {"rng": rng_state(), "reader": batches.reader_state(trained)}
+        meta = {"scheduler": self.scheduler.state_dict()}
+        self.checkpoints.save(self.step, self._app_state(), rank_state, meta, self.cfg)
+
+    # ---------------------------------------------------------------------------------------- the loop
+
     def train(self) -> TrainResult:
         cfg = self.cfg.train
         self.model.train()
-        metrics = MetricLogger(self.ctx, self.output_dir, cfg.train_steps, cfg.progress_bar)
-        batches = _in_step(iter(self.reader), self.ctx)
-        step = 0
+        metrics = MetricLogger(self.ctx, self.output_dir, cfg.train_steps, cfg.progress_bar, start_step=self.step)
+        batches = StepAlignedBatches(self.reader, self.ctx)
+        trained, saved_at = 0, self.step
         try:
-            while cfg.train_steps == 0 or step < cfg.train_steps:
+            while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
                     out: Seq2SeqOutput = self.pipeline.progress(batches)
                 except StopIteration:
                     break
-                step += 1
-                metrics.update(out)
-                if step % cfg.log_steps == 0:
-                    metrics.log(step)
-            if step % cfg.log_steps:
-                metrics.log(step)  # the tail of the run since the last log line
+                self.step += 1
+                trained += 1
+                self.scheduler.step()
+                metrics.update(out, self.step)
+                if self.step % cfg.log_steps == 0:
+                    metrics.log(self.step)
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self._save(batches, trained, metrics)
+                    saved_at = self.step
+            if trained and self.step % cfg.log_steps:
+                metrics.log(self.step)  # the tail of the run since the last log line
+            if cfg.save_steps and saved_at != self.step:
+                self._save(batches, trained, metrics)
         finally:
             metrics.close()
-        logger.info("finished after %d steps", step)
-        return TrainResult(steps=step, history=metrics.history)
+        logger.info("finished after %d steps", self.step)
+        return TrainResult(steps=self.step, history=metrics.history)
 
 
-def _in_step(batches: Iterator[SequenceBatch], ctx: DistContext) -> Iterator[SequenceBatch]:
-    """Yield batches while *every* rank has one, so no rank waits forever in a collective for a peer
-    that ran out of data. A rank that still has data at that point says so: those rows are not trained on."""
-    while True:
-        batch = next(batches, None)
+class StepAlignedBatches(Iterator[SequenceBatch]):
+    """The reader's batches, pulled in step on every rank, remembering where the reader stood before each.
+
+    Every rank pulls while *every* rank has a batch, so no rank waits forever in a collective for a peer
+    that ran out of data. The pipeline pulls a batch or two ahead of the step it trains, so the reader
+    position to checkpoint after k trained batches is the one recorded before the k-th pull, not the
+    reader's current one.
+    """
+
+    def __init__(self, reader: SequenceReader, ctx: DistContext) -> None:
+        self._reader = reader
+        self._batches = iter(reader)
+        self._ctx = ctx
+        self._pulled = 0
+        self._positions: dict[int, dict[str, Any]] = {}
+        self._exhausted = False
+
+    def __next__(self) -> SequenceBatch:
+        if self._exhausted:
+            raise StopIteration
+        self._positions[self._pulled] = self._reader.state_dict()
+        batch = next(self._batches, None)
         has_batch = torch.tensor([0 if batch is None else 1])
-        dist.all_reduce(has_batch, op=dist.ReduceOp.MIN, group=ctx.control_group)
+        dist.all_reduce(has_batch, op=dist.ReduceOp.MIN, group=self._ctx.control_group)
         if has_batch.item() == 0:
+            self._exhausted = True
             if batch is not None:
                 logger.warning(
-                    "rank %d: another rank ran out of data first; this rank's remaining batches are not trained on "
-                    "(balance the input files across ranks to avoid it)",
-                    ctx.rank,
+                    "rank %d: another rank ran out of data first; this rank's remaining batches are not trained "
+                    "on (balance the input files across ranks to avoid it)",
+                    self._ctx.rank,
                 )
-            return
-        assert batch is not None
-        yield batch
+            raise StopIteration
+        self._pulled += 1
+        return batch
+
+    def reader_state(self, trained: int) -> dict[str, Any]:
+        """Reader position after ``trained`` batches of this run have been trained on."""
+        state = self._positions[trained]
+        for older in [k for k in self._positions if k < trained]:
+            del self._positions[older]
+        return state

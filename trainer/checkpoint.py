@@ -1,0 +1,216 @@
+"""Checkpoints: ``torch.distributed.checkpoint`` for sharded state, written atomically, found again on restart.
+
+Layout of ``output_dir/step_<N>/``:
+
+- DCP files: the model (sharded embedding tables, dense weights) and the optimizer (fused sparse states,
+  AdamW states), resharded on load when the world size or sharding plan differs;
+- ``rank_<r>.pt``: what is private to each rank: RNG states and the data reader's position;
+- ``meta.json``: step, world size, the LR schedule's state, and the shapes that must match on load;
+- ``config.toml``: the resolved config of the run that wrote it;
+- ``COMPLETE``: written last. A folder is only ever renamed to ``step_<N>`` after it exists, so a
+  half-written checkpoint (a crash, a full disk) is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from trainer.config import JobConfig, dump_config
+from trainer.dist import DistContext
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or does not fit this run; the message says which and why."""
+
+
+@dataclass
+class Restored:
+    step: int
+    path: Path
+    meta: dict[str, Any]
+    # None when the checkpoint was written by another number of ranks: per-rank state does not map.
+    rank_state: dict[str, Any] | None
+
+
+def signature(cfg: JobConfig) -> dict[str, Any]:
+    """Everything whose change makes saved tensors unusable: table shapes and the dense model's sizes."""
+    tables: dict[str, dict[str, Any]] = {}
+    for f in cfg.data.features:
+        table = tables.setdefault(f.shard_name, {"rows": f.table_rows, "emb_dim": f.emb_dim, "features": []})
+        table["features"].append(f.name)
+    m = cfg.model
+    dense = {k: getattr(m, k) for k in ("hidden_size", "num_layers", "nhead", "dim_feedforward", "emb_size")}
+    return {"tables": tables, "model": dense}
+
+
+def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    saved_tables, tables = saved["tables"], current["tables"]
+    for name in sorted(set(saved_tables) | set(tables)):
+        if name not in tables:
+            diffs.append(f"table {name!r} is in the checkpoint but not in the config")
+        elif name not in saved_tables:
+            diffs.append(f"table {name!r} is in the config but not in the checkpoint")
+        else:
+            for key in ("rows", "emb_dim", "features"):
+                if saved_tables[name][key] != tables[name][key]:
+                    diffs.append(
+                        f"table {name!r} {key}: {saved_tables[name][key]} in the checkpoint, {tables[name][key]} now"
+                    )
+    for key, value in current["model"].items():
+        if saved["model"].get(key) != value:
+            diffs.append(f"model.{key}: {saved['model'].get(key)} in the checkpoint, {value} now")
+    return diffs
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: Path, ctx: DistContext, max_to_keep: int) -> None:
+        self.output_dir = output_dir
+        self.ctx = ctx
+        self.max_to_keep = max_to_keep
+
+    # ------------------------------------------------------------------------------------------ finding
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete ``step_<N>`` folders, oldest first."""
+        if not self.output_dir.is_dir():
+            return []
+        found = [
+            (int(m.group(1)), p)
+            for p in self.output_dir.iterdir()
+            if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()
+        ]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        done = self.complete_checkpoints()
+        return done[-1] if done else None
+
+    # ------------------------------------------------------------------------------------------- saving
+
+    def save(
+        self,
+        step: int,
+        app_state: dict[str, Any],
+        rank_state: dict[str, Any],
+        meta: dict[str, Any],
+        cfg: JobConfig,
+    ) -> Path:
+        """Write ``step_<step>`` collectively; every rank must call this at the same step."""
+        final = self.output_dir / f"step_{step}"
+        tmp = self.output_dir / f".tmp_step_{step}"
+        start = time.perf_counter()
+
+        def prepare() -> None:
+            if self.ctx.is_main:
+                if tmp.is_dir():
+                    shutil.rmtree(tmp)  # left by a run that died while writing
+                tmp.mkdir(parents=True)
+
+        def write() -> None:
+            dcp.save(app_state, checkpoint_id=str(tmp))
+            torch.save(rank_state, tmp / f"rank_{self.ctx.rank}.pt")
+
+        def publish() -> None:
+            if not self.ctx.is_main:
+                return
+            full_meta = {**meta, "step": step, "world_size": self.ctx.world_size, "signature": signature(cfg)}
+            (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+            (tmp / "config.toml").write_text(dump_config(cfg))
+            (tmp / MARKER).write_text(f"step {step}\n")
+            if final.exists():
+                shutil.rmtree(final)  # an older copy of the same step (a rerun of the same steps)
+            tmp.rename(final)
+
+        for what, phase in (("prepare", prepare), ("write", write), ("publish", publish)):
+            self._collectively(what, final, phase)
+        if self.ctx.is_main:
+            logger.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - start)
+            self._prune()
+        return final
+
+    def _collectively(self, what: str, path: Path, phase: Callable[[], None]) -> None:
+        """Run one phase on every rank; if it fails anywhere, every rank raises (none is left waiting)."""
+        error: Exception | None = None
+        try:
+            phase()
+        except Exception as e:  # noqa: BLE001 - any I/O failure: report it, keep the older checkpoints
+            error = e
+        ok = torch.tensor([0 if error else 1])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.control_group)
+        if error is not None:
+            raise CheckpointError(
+                f"writing checkpoint {path} failed ({what}): {type(error).__name__}: {error}; "
+                "earlier checkpoints are untouched"
+            ) from error
+        if ok.item() == 0:
+            raise CheckpointError(f"writing checkpoint {path} failed ({what}) on another rank")
+
+    def _prune(self) -> None:
+        if self.max_to_keep <= 0:
+            return
+        for old in self.complete_checkpoints()[: -self.max_to_keep]:
+            # The marker goes first: a prune cut short leaves an incomplete folder, never a broken "complete" one.
+            (old / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("removed old checkpoint %s (max_to_keep %d)", old, self.max_to_keep)
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @staticmethod
+    def read_meta(path: Path, cfg: JobConfig) -> dict[str, Any]:
+        """The checkpoint's metadata, after checking it is complete and fits ``cfg``."""
+        if not (path / MARKER).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        meta = json.loads((path / "meta.json").read_text())
+        diffs = signature_differences(meta["signature"], signature(cfg))
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} does not fit this config: " + "; ".join(diffs))
+        return meta
+
+    def load(self, path: Path, app_state: dict[str, Any], cfg: JobConfig) -> Restored:
+        """Load ``path`` into ``app_state`` in place (DCP reshards to this run's plan and world size)."""
+        meta = self.read_meta(path, cfg)
+        start = time.perf_counter()
+        dcp.load(app_state, checkpoint_id=str(path))
+        same_world = meta["world_size"] == self.ctx.world_size
+        rank_state = None
+        if same_world:
+            rank_state = torch.load(path / f"rank_{self.ctx.rank}.pt", weights_only=False)
+        if self.ctx.is_main:
+            logger.info("loaded checkpoint %s (step %d) in %.2fs", path, meta["step"], time.perf_counter() - start)
+        return Restored(step=int(meta["step"]), path=path, meta=meta, rank_state=rank_state)
