@@ -31,6 +31,8 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
   ./launch.sh plan CONFIG.toml --world-size N --hbm-gb G [--local-world-size M] [--ddr-gb D]
                    [--batch-size B] [--json] [overrides...]
         Dry run of the embedding sharding plan for N GPUs (no GPU needed); exits 1 if it does not fit.
+  ./launch.sh export --checkpoint outputs/RUN/step_N --out DIR [--format parquet|npy]
+        Write a checkpoint's embedding tables and dense model for serving, without the distributed runtime.
   ./launch.sh setup
         Only create/update the environment and check the dependency set.
   ./launch.sh help | -h | --help
@@ -249,6 +251,12 @@ run_plan() {
     exec "$VENV_PY" -m trainer.plan "$@"
 }
 
+run_export() {
+    # Checkpoint -> embedding tables (Parquet/.npy) + dense state dict, for serving (see trainer/export.py).
+    ensure_env 0
+    exec "$VENV_PY" -m trainer.export "$@"
+}
+
 run_tests() {
     ensure_env 1
     exec "$VENV_PY" -m pytest "$@"
@@ -278,8 +286,11 @@ main() {
             shift
             run_plan "$@"
             ;;
-        # eval | export) later subcommands go here, each a run_<name> function that calls
-        # ensure_env first.
+        export)
+            shift
+            run_export "$@"
+            ;;
+        # eval) later subcommands go here, each a run_<name> function that calls ensure_env first.
         *.toml | --*)
             run_train "$@"
             ;;

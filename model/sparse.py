@@ -32,11 +32,23 @@ EMBEDDING_INIT_STD = 0.001
 
 
 def trunc_normal_init_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Seed init of an embedding table (or of one shard of it)."""
+    """Seed init of an embedding table (or of one shard of it): N(0, std²) redrawn outside ±2 std.
+
+    Rejection sampling instead of ``nn.init.trunc_normal_``: the latter's inverse-CDF path (erfinv) took
+    about two minutes for the seed's two 2,048,000 x 128 tables on a CPU; redrawing the ~4.6% of values
+    outside the bounds costs a few ``randn`` calls.
+    """
     with torch.no_grad():
-        return nn.init.trunc_normal_(
-            weight, std=EMBEDDING_INIT_STD, a=-2 * EMBEDDING_INIT_STD, b=2 * EMBEDDING_INIT_STD, generator=generator
-        )
+        flat = weight.view(-1)
+        values = torch.randn(flat.shape, generator=generator, dtype=torch.float32)
+        # One pass over the table to find the misses, then only the shrinking set of misses is redrawn.
+        redo = torch.nonzero(values.abs() > 2.0).squeeze(1)
+        while redo.numel():
+            draw = torch.randn(redo.numel(), generator=generator, dtype=torch.float32)
+            values[redo] = draw
+            redo = redo[draw.abs() > 2.0]
+        flat.copy_(values.mul_(EMBEDDING_INIT_STD))
+    return weight
 
 
 def embedding_configs(features: list[FeatureConfig]) -> list[EmbeddingConfig]:

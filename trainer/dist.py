@@ -57,12 +57,30 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
 
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=torch_device if use_cuda else None)
+        dist.init_process_group(
+            backend=backend,
+            store=_attempt_store(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=torch_device if use_cuda else None,
+        )
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     logger.info(
         "rank %d/%d (local %d/%d) on %s with %s", rank, world_size, local_rank, local_world_size, torch_device, backend
     )
     return DistContext(rank, world_size, local_rank, local_world_size, torch_device, backend, control)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The job's rendezvous store, with keys private to this torchrun restart attempt.
+
+    After a restart (``--max_restarts``) the new workers can meet in the same store as the dead ones; a
+    gloo group then sometimes reads a dead peer's address and fails to connect. A per-attempt prefix
+    keeps each attempt's keys apart.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    return dist.PrefixStore(f"seqrec/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _free_port() -> int:

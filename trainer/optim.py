@@ -48,3 +48,15 @@ def lr_multiplier(step: int, cfg: OptimConfig, train_steps: int) -> float:
 def build_scheduler(optimizer: CombinedOptimizer, cfg: OptimConfig, train_steps: int) -> LambdaLR:
     """One schedule for every param group: the fused (sparse) groups read their lr at each step too."""
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, train_steps))
+
+
+def restore_schedule(scheduler: LambdaLR, step: int) -> None:
+    """Put the schedule where it was after ``step`` steps.
+
+    Only the step is restored, not the scheduler's per-group state: the number of param groups follows the
+    sharding plan (one fused optimizer per embedding kernel group), which may differ on resume.
+    """
+    scheduler.last_epoch = step
+    for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=False):
+        group["lr"] = group["initial_lr"] * lr_lambda(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # type: ignore[attr-defined]

@@ -18,11 +18,12 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from data.batch import SequenceBatch
 from data.reader import SequenceReader
 from model.seq2seq import Seq2SeqModel, Seq2SeqOutput
+from model.sparse import managed_collision_stats
 from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext
 from trainer.metrics import LogRecord, MetricLogger
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, restore_schedule
 from trainer.sharding import shard_model
 
 logger = logging.getLogger(__name__)
@@ -106,10 +107,7 @@ class Trainer:
         # fbgemm's fused row-wise Adam counts its bias-correction steps itself and does not save the
         # counter (DESIGN.md §3): set it back, or the first steps after a resume would overshoot.
         self.optimizer.set_optimizer_step(self.step)
-        self.scheduler.load_state_dict(restored.meta["scheduler"])
-        # The scheduler sets rates only when it steps; put back the ones in force when the checkpoint was taken.
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr
+        restore_schedule(self.scheduler, self.step)
         if restored.rank_state is None:
             logger.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: model and optimizer are resharded, "
@@ -128,8 +126,18 @@ class Trainer:
         # Never write a checkpoint after a non-finite loss: the last complete one stays the one to go back to.
         metrics.raise_if_nonfinite()
         rank_state = {"rng": rng_state(), "reader": batches.reader_state(trained)}
-        meta = {"scheduler": self.scheduler.state_dict()}
-        self.checkpoints.save(self.step, self._app_state(), rank_state, meta, self.cfg)
+        self.checkpoints.save(self.step, self._app_state(), rank_state, {}, self.cfg)
+
+    def _log_managed_collisions(self) -> None:
+        """Ids admitted to and evicted from bucket-0 (managed-collision) tables, summed over ranks."""
+        stats = managed_collision_stats(self.model)  # same tables in the same order on every rank
+        if not stats:
+            return
+        totals = torch.tensor([n for pair in stats.values() for n in pair], dtype=torch.long)
+        dist.all_reduce(totals, group=self.ctx.control_group)
+        if self.ctx.is_main:
+            parts = [f"{t} {totals[2 * i]:,} admitted, {totals[2 * i + 1]:,} evicted" for i, t in enumerate(stats)]
+            logger.info("managed collisions (all ranks): %s", "; ".join(parts))
 
     # ---------------------------------------------------------------------------------------- the loop
 
@@ -151,6 +159,7 @@ class Trainer:
                 metrics.update(out, self.step)
                 if self.step % cfg.log_steps == 0:
                     metrics.log(self.step)
+                    self._log_managed_collisions()
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self._save(batches, trained, metrics)
                     saved_at = self.step
