@@ -174,12 +174,11 @@ class Trainer:
 
 
 class StepAlignedBatches(Iterator[SequenceBatch]):
-    """The reader's batches, pulled in step on every rank, remembering where the reader stood before each.
+    """The reader's batches, pulled in step on every rank, counting what was pulled.
 
     Every rank pulls while *every* rank has a batch, so no rank waits forever in a collective for a peer
     that ran out of data. The pipeline pulls a batch or two ahead of the step it trains, so the reader
-    position to checkpoint after k trained batches is the one recorded before the k-th pull, not the
-    reader's current one.
+    position to checkpoint after k trained batches lies that many batches back (``held_batches``).
     """
 
     def __init__(self, reader: SequenceReader, ctx: DistContext) -> None:
@@ -187,14 +186,14 @@ class StepAlignedBatches(Iterator[SequenceBatch]):
         self._batches = iter(reader)
         self._ctx = ctx
         self._pulled = 0
-        self._positions: dict[int, dict[str, Any]] = {}
         self._exhausted = False
 
     def __next__(self) -> SequenceBatch:
         if self._exhausted:
             raise StopIteration
-        self._positions[self._pulled] = self._reader.state_dict()
         batch = next(self._batches, None)
+        # Counted even when all ranks stop below: the reader handed it out, so its position moved on.
+        self._pulled += batch is not None
         has_batch = torch.tensor([0 if batch is None else 1])
         dist.all_reduce(has_batch, op=dist.ReduceOp.MIN, group=self._ctx.control_group)
         if has_batch.item() == 0:
@@ -206,12 +205,12 @@ class StepAlignedBatches(Iterator[SequenceBatch]):
                     self._ctx.rank,
                 )
             raise StopIteration
-        self._pulled += 1
         return batch
 
     def reader_state(self, trained: int) -> dict[str, Any]:
         """Reader position after ``trained`` batches of this run have been trained on."""
-        state = self._positions[trained]
-        for older in [k for k in self._positions if k < trained]:
-            del self._positions[older]
-        return state
+        self._reader.held_batches = self._pulled - trained
+        try:
+            return self._reader.state_dict()
+        finally:
+            self._reader.held_batches = 0
