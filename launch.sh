@@ -31,6 +31,10 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
   ./launch.sh plan CONFIG.toml --world-size N --hbm-gb G [--local-world-size M] [--ddr-gb D]
                    [--batch-size B] [--json] [overrides...]
         Dry run of the embedding sharding plan for N GPUs (no GPU needed); exits 1 if it does not fit.
+  ./launch.sh eval [CONFIG.toml] --checkpoint outputs/RUN/step_N [--eval.key=value ...]
+        Leave-one-out evaluation of a checkpoint (test split; --eval.split=valid for validation,
+        --eval.protocol=sampled for the SASRec paper's 100-negative protocol). Prints the metrics and
+        writes them to CHECKPOINT/eval_<split>.json.
   ./launch.sh export --checkpoint outputs/RUN/step_N --out DIR [--format parquet|npy]
         Write a checkpoint's embedding tables and dense model for serving, without the distributed runtime.
   ./launch.sh setup
@@ -231,18 +235,54 @@ run_train() {
     "$VENV_PY" -m trainer.main --config "$config" --check-config "$@" >/dev/null || exit 2
     ensure_sample_data
 
+    local -a overrides=()
+    # torchx hands everything after `--` to the component's *script_args (the trainer's overrides).
+    if (($# > 0)); then overrides=(-- "$@"); fi
+    torchx_local train --config "$config" "${overrides[@]}"
+}
+
+# Runs a component of trainer/component.py on this machine (torchx local_cwd): one rank per GPU, or
+# $SEQREC_NPROC (default 2) on CPU.
+torchx_local() {
+    local component=$1
+    shift
     local gpus=0 ranks cpus
     if [[ $SEQREC_FLAVOUR == cuda ]]; then gpus=$(gpu_count); fi
     if ((gpus > 0)); then ranks=${SEQREC_NPROC:-$gpus}; else ranks=${SEQREC_NPROC:-2}; fi
     cpus=$(nproc)
-    local -a overrides=()
-    # torchx hands everything after `--` to the component's *script_args (the trainer's overrides).
-    if (($# > 0)); then overrides=(-- "$@"); fi
+    # Component options must come before `--`; the caller's arguments end with it and the overrides.
+    local -a opts=() rest=()
+    while (($# > 0)) && [[ $1 != -- ]]; do opts+=("$1"); shift; done
+    rest=("$@")
     # For local schedulers `torchx run` waits, streams every rank's output to stderr and exits 1 when the
     # job fails, so exec keeps both the logs and the exit status. log_dir keeps the per-rank logs.
     exec "$VENV/bin/torchx" run -s local_cwd -cfg "log_dir=$ROOT/outputs/torchx_logs" \
-        trainer/component.py:train --config "$config" \
-        --nproc_per_node "$ranks" --cpu "$cpus" --gpu "$gpus" "${overrides[@]}"
+        "trainer/component.py:$component" "${opts[@]}" \
+        --nproc_per_node "$ranks" --cpu "$cpus" --gpu "$gpus" "${rest[@]}"
+}
+
+run_eval() {
+    local config=$DEFAULT_CONFIG checkpoint=""
+    if [[ $# -gt 0 && $1 == *.toml ]]; then
+        config=$1
+        shift
+    fi
+    [[ -f $config ]] || die "config not found: $config"
+    local -a overrides=()
+    while (($# > 0)); do
+        case $1 in
+            --checkpoint) checkpoint=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+            --checkpoint=*) checkpoint=${1#*=}; shift ;;
+            *) overrides+=("$1"); shift ;;
+        esac
+    done
+    [[ -n $checkpoint ]] || die "eval needs --checkpoint PATH (a checkpoint folder, e.g. outputs/RUN/step_N)"
+    [[ -d $checkpoint ]] || die "checkpoint not found: $checkpoint"
+    ensure_env 0
+    "$VENV_PY" -m trainer.main --config "$config" --check-config "${overrides[@]}" >/dev/null || exit 2
+    local -a rest=()
+    if ((${#overrides[@]} > 0)); then rest=(-- "${overrides[@]}"); fi
+    torchx_local evaluate --config "$config" --checkpoint "$checkpoint" "${rest[@]}"
 }
 
 run_plan() {
@@ -290,7 +330,10 @@ main() {
             shift
             run_export "$@"
             ;;
-        # eval) later subcommands go here, each a run_<name> function that calls ensure_env first.
+        eval)
+            shift
+            run_eval "$@"
+            ;;
         *.toml | --*)
             run_train "$@"
             ;;

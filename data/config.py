@@ -80,6 +80,11 @@ class DataConfig:
     truncate_side: TruncateSide = "right"
     # Error instead of cutting sequences longer than seq_len.
     check_length: bool = False
+    # Positions held out at the end of every user's sequence, dropped before truncation. Leave-one-out
+    # training sets 2 (the last item is the test target, the one before it the validation target); the
+    # evaluation reader derives its own value (1 for validation, 0 for test). Users left without positions
+    # are skipped (counted in the log), they are not an error.
+    holdout_positions: int = 0
     # Feature whose ids are the prediction targets (used to mask same-item false negatives).
     item_feature: str = "item_id"
     # Seeded, reproducible shuffle: unit (stripe / row group) order per epoch, plus rows permuted within

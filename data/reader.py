@@ -353,13 +353,31 @@ def truncate(
     return np.minimum(positions, seq_len), bag_lengths[keep], leaves
 
 
+def drop_tail(
+    positions: np.ndarray, bag_lengths: np.ndarray, leaves: pa.Array, count: int
+) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Drop the last ``count`` positions of every row (the held-out targets of leave-one-out)."""
+    if count == 0:
+        return positions, bag_lengths, leaves
+    starts = np.repeat(_exclusive_cumsum(positions)[:-1], positions)
+    t = np.arange(len(bag_lengths)) - starts  # position index inside its row
+    keep = t < np.repeat(positions - count, positions)
+    leaves = leaves.filter(pa.array(np.repeat(keep, bag_lengths)))
+    return np.maximum(positions - count, 0), bag_lengths[keep], leaves
+
+
 def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
-    """Read, validate, truncate and hash one unit; users without any position are dropped."""
+    """Read, validate, hold out, truncate and hash one unit; users without any position are dropped."""
     columns = read_unit(unit, [f.name for f in cfg.features])
     rows: list[FeatureRows] = []
+    empty_before_holdout = None
     for feature in cfg.features:
         where = f"column {feature.name!r} in {unit.label}"
         positions, bag_lengths, leaves = split_layout(columns[feature.name], where)
+        empty_before_holdout = (
+            positions == 0 if empty_before_holdout is None else empty_before_holdout & (positions == 0)
+        )
+        positions, bag_lengths, leaves = drop_tail(positions, bag_lengths, leaves, cfg.holdout_positions)
         if cfg.check_length and (too_long := positions > cfg.seq_len).any():
             row = int(np.argmax(too_long))
             raise ValueError(
@@ -373,13 +391,22 @@ def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
     seq_lengths = np.maximum.reduce([f.positions for f in rows])
     empty = seq_lengths == 0
     if empty.any():
-        if cfg.empty_sequences == "error":
-            names = ", ".join(repr(f.name) for f in cfg.features)
-            raise ValueError(
-                f"columns {names} in {unit.label}: row {int(np.argmax(empty))} has no positions "
-                f"({int(empty.sum())} such rows; empty_sequences = \"skip\" drops them with a warning)"
-            )
-        logger.warning("%s: skipped %d users with no positions", unit.label, int(empty.sum()))
+        # Users emptied by the holdout are expected (too short to train on); only users that had no
+        # positions in the file are bad input.
+        empty_in_file = empty & empty_before_holdout
+        if empty_in_file.any():
+            if cfg.empty_sequences == "error":
+                names = ", ".join(repr(f.name) for f in cfg.features)
+                raise ValueError(
+                    f"columns {names} in {unit.label}: row {int(np.argmax(empty_in_file))} has no positions "
+                    f"({int(empty_in_file.sum())} such rows; empty_sequences = \"skip\" drops them with a warning)"
+                )
+            logger.warning("%s: skipped %d users with no positions", unit.label, int(empty_in_file.sum()))
+        if (held := int(empty.sum() - empty_in_file.sum())) > 0:
+            logger.debug(
+                "%s: %d users have no positions left after holding out the last %d",
+                unit.label, held, cfg.holdout_positions,
+            )  # fmt: skip
         # Empty users own no positions and no values, so only the per-row counts need filtering.
         block = RowBlock([FeatureRows(f.positions[~empty], f.bag_lengths, f.values) for f in rows], int(empty.sum()))
     return block
@@ -584,6 +611,8 @@ class SequenceReader:
             )
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0 (0 = forever), not {self.epochs}")
+        if cfg.holdout_positions < 0:
+            raise ValueError(f"holdout_positions must be >= 0, not {cfg.holdout_positions}")
         for feature in cfg.features:
             check_feature(feature)
 

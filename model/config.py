@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -19,5 +20,18 @@ class ModelConfig:
     temperature: float = 1.0
     # Treat other in-batch positions holding the same target item as non-negatives (seed: false).
     mask_same_item: bool = False
+    # Features whose embeddings make up a position's *target* representation (what the query at the
+    # previous position must match). Empty = every feature, as in the seed. Ranking all items in
+    # evaluation and sampled negatives need a representation of an item on its own, i.e. this set
+    # must be just the item feature (e.g. ["item_id"]); the other features then only describe the input.
+    target_features: list[str] = field(default_factory=list)
+    # Extra negatives per batch drawn uniformly from the item table and shared by every query, next to
+    # the in-batch ones ("mixed negatives"): in-batch negatives are biased towards popular items, uniform
+    # ones cover the tail that full-ranking evaluation scores too. 0 = in-batch only (seed).
+    num_negatives: int = 0
+    # For ablations only: put back bugs of the seed's loss (DESIGN.md §1). "copy_shift" pairs the query
+    # at t+1 with the item at t (which causal attention lets the model copy); "padding" lets padded
+    # positions enter the loss as queries and targets.
+    seed_loss_bugs: list[Literal["copy_shift", "padding"]] = field(default_factory=list)
     # bf16 autocast of the transformer on CUDA (seed: always on); ignored on CPU.
     bf16: bool = True

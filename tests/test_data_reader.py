@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -219,6 +220,18 @@ def test_truncate_left_keeps_newest(tmp_path: Path) -> None:
     assert batch.sparse_features["item_id"].values().tolist() == [3, 3, 3, 4, 5, 5, 6]
     assert batch.sparse_features["item_id"].lengths().tolist() == [3, 1, 2, 1, 0, 0]
     assert batch.sparse_features["cate_id"].values().tolist() == [13, 14, 15, 16]
+
+
+def test_holdout_drops_the_last_positions_before_truncation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Leave-one-out training: user 0 loses items 4 and 5 (its test and validation targets), then the
+    # newest 2 of the rest are kept; user 1 (one position) has nothing left and is skipped without a warning.
+    cfg = _two_feature_config(_two_feature_file(tmp_path), seq_len=2, truncate_side="left", holdout_positions=2)
+    with caplog.at_level(logging.WARNING):
+        (batch,) = read_all(SequenceReader(dataclasses.replace(cfg, drop_remainder=False)))
+    assert batch.item_ids.tolist() == [[2, 3]]
+    assert batch.sparse_features["item_id"].values().tolist() == [2, 3, 3, 3]
+    assert batch.sparse_features["cate_id"].values().tolist() == [12, 13]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_check_length_errors_instead_of_cutting(tmp_path: Path) -> None:

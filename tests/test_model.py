@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import SequenceBatch
+from data.batch import SequenceBatch, negatives_key, with_negatives
 from data.config import FeatureConfig
 from model.config import ModelConfig
 from model.loss import next_item_contrastive_loss, next_item_mask
@@ -156,3 +156,69 @@ def test_model_builds_on_meta_without_allocating() -> None:
     big = [FeatureConfig(name=n, emb_dim=128, hash_bucket_size=2_048_000) for n in ("a", "b", "c", "d")]
     model = Seq2SeqModel(big, cfg, device=torch.device("meta"))
     assert all(p.is_meta for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ targets, negatives, seed bugs
+
+
+def test_item_only_targets_use_the_input_projection_on_item_columns() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, dropout=0.0, emb_size=12,
+                      target_features=["item_id"])  # fmt: skip
+    model = Seq2SeqModel(FEATURES, cfg, item_feature="item_id")
+    emb = torch.randn(6, 12)
+    _, targets = model.dense.encode(emb, torch.Size([2, 3]))
+    # What proj gives when every other feature's embedding is zero.
+    only_item = emb.clone()
+    only_item[:, 4:] = 0.0
+    assert torch.allclose(targets, model.dense.proj(only_item).view(2, 3, 8), atol=1e-6)
+    assert torch.allclose(model.dense.item_representation(emb[:, :4]), targets.view(6, 8), atol=1e-6)
+
+
+def test_items_need_item_only_targets_for_a_representation() -> None:
+    cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, emb_size=12)
+    model = Seq2SeqModel(FEATURES, cfg)
+    with pytest.raises(ValueError, match="target_features"):
+        model.dense.item_representation(torch.zeros(1, 4))
+
+
+def test_sampled_negatives_join_the_softmax_and_accidental_hits_are_masked() -> None:
+    # One query [1, 0] with target [1, 0] (item 7); negatives [0, 1] (item 3) and [1, 0] (item 7 again).
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    targets = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    negatives = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    out = next_item_contrastive_loss(
+        hidden, targets, torch.tensor([2]), torch.tensor([[5, 7]]), temperature=0.5,
+        negatives=negatives, negative_ids=torch.tensor([3, 7]),
+    )  # fmt: skip
+    # Logits [1/0.5, 0/0.5, (masked)]: -log(e^2 / (e^2 + e^0)).
+    assert out.loss.item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
+    assert out.hits.item() == 1
+
+
+def test_seed_loss_bugs_reproduce_the_seed() -> None:
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    targets = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [9.0, 9.0]]])
+    lengths, ids = torch.tensor([2]), torch.tensor([[7, 8, -1]])
+    # copy_shift: the query at t+1 = 1 ([0, 1]) against the item at t = 0 ([0, 1]): one pair, one hit.
+    shifted = next_item_contrastive_loss(hidden, targets, lengths, ids, seed_loss_bugs=("copy_shift",))
+    assert shifted.num_targets.item() == 1 and shifted.hits.item() == 1
+    # padding: every (t, t+1) pair of the padded grid enters, the pad position included.
+    padded = next_item_contrastive_loss(hidden, targets, lengths, ids, seed_loss_bugs=("padding",))
+    assert padded.num_targets.item() == 2
+
+
+def test_model_with_sampled_negatives_trains_their_rows() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, dropout=0.0, emb_size=12,
+                      target_features=["item_id"], num_negatives=3, temperature=0.1)  # fmt: skip
+    model = Seq2SeqModel(FEATURES, cfg, item_feature="item_id")
+    kjt = _kjt([[[1], [2], [3], [4]], [[0], [1], [2], [3]], [[0], [1], [2], [3]]])
+    batch = SequenceBatch(kjt, seq_lengths=torch.tensor([2, 2]), item_ids=torch.tensor([[1, 2], [3, 4]]))
+    batch = with_negatives(batch, negatives_key("item_id"), torch.tensor([8, 9, 2]))
+    assert batch.sparse_features.keys()[-1] == "item_id.negatives"
+    out = model(batch)
+    out.loss.backward()
+    grad = model.sparse.embedding_collection.embeddings["item_id"].weight.grad
+    # Rows 8 and 9 appear only as negatives: they get gradient from the loss.
+    assert grad[8].abs().sum() > 0 and grad[9].abs().sum() > 0

@@ -102,6 +102,8 @@ class CheckpointManager:
         self.output_dir = output_dir
         self.ctx = ctx
         self.max_to_keep = max_to_keep
+        # A checkpoint pruning must leave alone (the best one by the validation metric).
+        self.keep: Path | None = None
 
     # ------------------------------------------------------------------------------------------ finding
 
@@ -184,6 +186,8 @@ class CheckpointManager:
         if self.max_to_keep <= 0:
             return
         for old in self.complete_checkpoints()[: -self.max_to_keep]:
+            if self.keep is not None and old.resolve() == self.keep.resolve():
+                continue  # the best checkpoint stays, on top of the max_to_keep newest
             # The marker goes first: a prune cut short leaves an incomplete folder, never a broken "complete" one.
             (old / MARKER).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)

@@ -34,6 +34,7 @@ import torchx.specs as specs
 from torchx.specs import macros
 
 TRAINER_MODULE = "trainer.main"
+EVAL_MODULE = "trainer.evaluate"
 ROLE_NAME = "trainer"
 RDZV_PORT_NAME = "c10d"
 
@@ -65,6 +66,7 @@ def torchrun_command(
     max_restarts: int,
     rdzv_port: int,
     rdzv_backend: str,
+    module: str = TRAINER_MODULE,
 ) -> List[str]:
     """The torchrun command line, as shell words (the rendezvous endpoint may be an unquoted word)."""
     command = [
@@ -92,7 +94,7 @@ def torchrun_command(
     if rdzv_backend == "static":
         # The static backend cannot discover ranks, so each node is told its own.
         command += ["--node_rank", macros.replica_id]
-    return command + ["-m", TRAINER_MODULE, "--config", config, *script_args]
+    return command + ["-m", module, "--config", config, *script_args]
 
 
 def _worker_env(env: Optional[Dict[str, str]], cpu: int, nproc_per_node: int) -> Dict[str, str]:
@@ -144,11 +146,77 @@ def train(
         mounts: mounts for container schedulers (e.g. ``type=bind,src=/data,dst=/data``)
         name: job name
     """
+    return _torchrun_app(
+        TRAINER_MODULE, list(script_args), config, nnodes, nproc_per_node, specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
+        image, env, max_retries, max_restarts, rdzv_port, rdzv_backend, mounts, name,
+    )  # fmt: skip
+
+
+def evaluate(
+    *script_args: str,
+    config: str = "configs/default.toml",
+    checkpoint: str = "",
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    image: str = ".",
+    env: Optional[Dict[str, str]] = None,
+    rdzv_port: int = 29500,
+    rdzv_backend: str = "c10d",
+    mounts: Optional[List[str]] = None,
+    name: str = "seqrec-eval",
+) -> specs.AppDef:
+    """Evaluate a checkpoint (leave-one-out HR@K / NDCG@K / MRR) with torchrun on nnodes x nproc_per_node ranks.
+
+    Args:
+        script_args: config overrides for trainer.evaluate, after ``--`` (e.g. ``-- --eval.protocol=sampled``)
+        config: TOML config the checkpoint was trained with, relative to the job's working directory
+        checkpoint: checkpoint folder (output_dir/step_N)
+        nnodes: number of nodes
+        nproc_per_node: ranks per node (number of GPUs on a GPU node)
+        cpu: CPUs per node; also sets OMP_NUM_THREADS = cpu // nproc_per_node (at least 1)
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        image: the working directory for local_cwd (ignored there), the container image for kubernetes/docker
+        env: extra environment variables for every rank
+        rdzv_port: port on rank 0's host for the c10d rendezvous store (multi-node only)
+        rdzv_backend: torchrun rendezvous backend (c10d, or static)
+        mounts: mounts for container schedulers (e.g. ``type=bind,src=/data,dst=/data``)
+        name: job name
+    """
+    if not checkpoint:
+        raise ValueError("evaluate: --checkpoint (a checkpoint folder, output_dir/step_N) is required")
+    return _torchrun_app(
+        EVAL_MODULE, ["--checkpoint", checkpoint, *script_args], config, nnodes, nproc_per_node,
+        specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h), image, env, 0, 0, rdzv_port, rdzv_backend, mounts, name,
+    )  # fmt: skip
+
+
+def _torchrun_app(
+    module: str,
+    script_args: List[str],
+    config: str,
+    nnodes: int,
+    nproc_per_node: int,
+    resource: specs.Resource,
+    image: str,
+    env: Optional[Dict[str, str]],
+    max_retries: int,
+    max_restarts: int,
+    rdzv_port: int,
+    rdzv_backend: str,
+    mounts: Optional[List[str]],
+    name: str,
+) -> specs.AppDef:
+    """One role of ``nnodes`` replicas, each running torchrun over ``python -m module``."""
     if nnodes < 1 or nproc_per_node < 1:
         raise ValueError(f"nnodes and nproc_per_node must be >= 1, got {nnodes} and {nproc_per_node}")
-    resource = specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h)
     command = torchrun_command(
-        list(script_args), config, nnodes, nproc_per_node, max_restarts, rdzv_port, rdzv_backend
+        script_args, config, nnodes, nproc_per_node, max_restarts, rdzv_port, rdzv_backend, module
     )
     role = specs.Role(
         name=ROLE_NAME,

@@ -70,6 +70,42 @@ class TrainConfig:
     progress_bar: bool = True
     # Seconds a rank waits in a collective before giving up, so a crashed peer cannot hang the job.
     collective_timeout_s: float = 300.0
+    # Evaluate (the [eval] section) every eval_steps steps and at the end of training (0 = never).
+    eval_steps: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Leave-one-out evaluation: per user, the last item is the test target and the one before it the
+    validation target (train with data.holdout_positions = 2 so training never sees either)."""
+
+    # "valid" during training (eval_steps); `./launch.sh eval` defaults to "test".
+    split: Literal["valid", "test"] = "valid"
+    # Files to evaluate on; empty = data.data_paths (the training users, with their held-out targets).
+    data_paths: str | list[str] = ""
+    # "full": the target ranked against every candidate item. "sampled": against num_negatives random items
+    # the user has not interacted with (the SASRec paper's protocol; its numbers are not comparable to
+    # full ranking).
+    protocol: Literal["full", "sampled"] = "full"
+    num_negatives: int = 100
+    ks: list[int] = field(default_factory=lambda: [1, 10, 50, 200])
+    # The items ranked: "table" = every row of the item table; "data" = the ids that occur in the evaluated
+    # files (for hashed or sparse id spaces, where most rows are never used).
+    candidates: Literal["table", "data"] = "table"
+    # Leave the user's earlier items (those in the model's input window, the newest data.seq_len) out of
+    # the ranking (full protocol); off = nothing excluded. The sampled protocol never draws them.
+    exclude_history: bool = False
+    # Users per batch on each rank (0 = data.batch_size).
+    batch_size: int = 0
+    # Candidate items scored per matrix product: bounds memory for tables of millions of items.
+    item_chunk: int = 65536
+    # The metric that picks the best checkpoint during training: "mrr", "hr@K" or "ndcg@K" (K in ks).
+    best_metric: str = "ndcg@10"
+    # Seeds the sampled protocol's negatives (drawn per user, so the same on any number of ranks).
+    seed: int = 0
+
+    def metric_names(self) -> list[str]:
+        return [f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")] + ["mrr"]
 
 
 @dataclass
@@ -78,6 +114,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,6 +284,62 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optim.lr_decay = {o.lr_decay!r} decays towards train.train_steps, which is 0")
     if len(cfg.optim.dense_betas) != 2:
         raise ConfigError("optim.dense_betas must hold two numbers")
+    if d.holdout_positions < 0:
+        raise ConfigError(f"data.holdout_positions must be >= 0, got {d.holdout_positions}")
+    _validate_targets(cfg)
+    _validate_eval(cfg)
+
+
+def _item_only_targets(cfg: JobConfig) -> bool:
+    names = [f.name for f in cfg.data.features]
+    return (cfg.model.target_features or names) == [cfg.data.item_feature]
+
+
+def require_ranking(cfg: JobConfig, what: str) -> None:
+    """Ranking items needs each item's own representation, from a table with fixed rows."""
+    if not _item_only_targets(cfg):
+        raise ConfigError(
+            f"{what} needs a representation of each item on its own: set model.target_features = "
+            f"[{cfg.data.item_feature!r}] (the other features then describe the input only)"
+        )
+    item = next(f for f in cfg.data.features if f.name == cfg.data.item_feature)
+    if item.managed_collision:
+        raise ConfigError(
+            f"{what} needs an item table with fixed rows; data.item_feature {item.name!r} is a managed-collision "
+            "feature (hash_bucket_size = 0): give it a hash_bucket_size"
+        )
+
+
+def _validate_targets(cfg: JobConfig) -> None:
+    m, names = cfg.model, [f.name for f in cfg.data.features]
+    for i, name in enumerate(m.target_features):
+        if name not in names:
+            raise ConfigError(f"model.target_features.{i}: {name!r} is not one of the features {names}")
+    if m.num_negatives < 0:
+        raise ConfigError(f"model.num_negatives must be >= 0, got {m.num_negatives}")
+    if m.num_negatives:
+        require_ranking(cfg, "model.num_negatives (sampled negatives)")
+
+
+def _validate_eval(cfg: JobConfig) -> None:
+    e, t = cfg.eval, cfg.train
+    if t.eval_steps < 0:
+        raise ConfigError(f"train.eval_steps must be >= 0, got {t.eval_steps}")
+    _positive({"eval.num_negatives": e.num_negatives, "eval.item_chunk": e.item_chunk})
+    if e.batch_size < 0:
+        raise ConfigError(f"eval.batch_size must be >= 0 (0 = data.batch_size), got {e.batch_size}")
+    if not e.ks or any(k <= 0 for k in e.ks):
+        raise ConfigError(f"eval.ks must be a non-empty list of positive cut-offs, got {e.ks}")
+    if e.best_metric not in e.metric_names():
+        raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not one of {e.metric_names()}")
+    if not t.eval_steps:
+        return
+    require_ranking(cfg, "evaluation (train.eval_steps)")
+    if cfg.data.holdout_positions < 2 and not e.data_paths:
+        raise ConfigError(
+            "train.eval_steps: the evaluation targets (each user's last two items) would be trained on; set "
+            "data.holdout_positions = 2 (leave-one-out) or point eval.data_paths at other files"
+        )
 
 
 def _positive(values: dict[str, float]) -> None:

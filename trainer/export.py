@@ -45,7 +45,7 @@ def load_checkpoint_model(checkpoint: Path, cfg: JobConfig | None = None) -> tup
     """An unsharded ``Seq2SeqModel`` on the CPU holding the checkpoint's weights."""
     cfg = cfg or load_config(checkpoint / "config.toml")
     CheckpointManager.read_meta(checkpoint, cfg)  # complete, and of this shape
-    model = Seq2SeqModel(cfg.data.features, cfg.model)
+    model = Seq2SeqModel(cfg.data.features, cfg.model, item_feature=cfg.data.item_feature)
     state = {_PREFIX + k: v for k, v in model.state_dict().items()}
     dcp.load({"model": state}, checkpoint_id=str(checkpoint))
     model.load_state_dict({k.removeprefix(_PREFIX): v for k, v in state.items()})
@@ -92,7 +92,7 @@ def load_exported(folder: Path) -> Seq2SeqModel:
     """Rebuild the model from an export folder, on the CPU, in eval mode."""
     dense = torch.load(folder / "dense.pt", weights_only=False)
     cfg = load_config(folder / "config.toml")
-    model = Seq2SeqModel(cfg.data.features, cfg.model)
+    model = Seq2SeqModel(cfg.data.features, cfg.model, item_feature=cfg.data.item_feature)
     model.dense.load_state_dict(dense["state_dict"])
     with torch.no_grad():
         for name, module in model.sparse.embedding_collection.embeddings.items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,13 +17,14 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from data.batch import SequenceBatch
+from data.batch import SequenceBatch, negatives_key, with_negatives
 from data.reader import SequenceReader
 from model.seq2seq import Seq2SeqModel, Seq2SeqOutput
 from model.sparse import managed_collision_stats
 from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext
+from trainer.evaluate import Evaluator, write_result
 from trainer.metrics import LogRecord, MetricLogger
 from trainer.optim import build_optimizer, build_scheduler, restore_schedule
 from trainer.sharding import shard_model
@@ -63,7 +66,9 @@ class Trainer:
         # The reader first: it checks every input file's schema, so bad input fails before the slow part.
         self.reader = SequenceReader(cfg.data, rank=ctx.rank, world_size=ctx.world_size, epochs=cfg.train.train_epochs)
         # Built on meta: no rank ever allocates a full table; DMP materialises only its own shards.
-        model = TrainStep(Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta")))
+        model = TrainStep(
+            Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta"), item_feature=cfg.data.item_feature)
+        )
         self.model = shard_model(model, cfg, ctx)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
@@ -71,6 +76,8 @@ class Trainer:
         self.step = 0
         self._restore()
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device)
+        self.best = BestCheckpoint(self.output_dir, cfg.eval.best_metric)
+        self.checkpoints.keep = self.best.path
 
     def _write_resolved_config(self) -> None:
         if self.ctx.is_main:
@@ -128,6 +135,29 @@ class Trainer:
         rank_state = {"rng": rng_state(), "reader": batches.reader_state(trained)}
         self.checkpoints.save(self.step, self._app_state(), rank_state, {}, self.cfg)
 
+    def _evaluate(self, batches: StepAlignedBatches, trained: int, metrics: MetricLogger, saved_at: int) -> int:
+        """Validation metrics now; a new best is checkpointed (if checkpoints are on) and marked.
+        Returns the step of the latest checkpoint."""
+        # The pipeline rewired the sparse modules' forward for its in-flight batches; evaluation calls them
+        # directly. progress() attaches the model again.
+        self.pipeline.detach()
+        result = Evaluator(self.cfg, self.ctx, self.model).run()
+        if self.ctx.is_main:
+            write_result(self.output_dir, self.step, result)
+        value = result.metrics[self.cfg.eval.best_metric]
+        if not self.best.improves(value):
+            return saved_at
+        if self.cfg.train.save_steps and saved_at != self.step:
+            self._save(batches, trained, metrics)
+            saved_at = self.step
+        checkpoint = self.checkpoints.output_dir / f"step_{self.step}" if saved_at == self.step else None
+        if self.ctx.is_main:
+            self.best.mark(self.step, value, checkpoint)
+        else:
+            self.best.value = value
+        self.checkpoints.keep = self.best.path
+        return saved_at
+
     def _log_managed_collisions(self) -> None:
         """Ids admitted to and evicted from bucket-0 (managed-collision) tables, summed over ranks."""
         stats = managed_collision_stats(self.model)  # same tables in the same order on every rank
@@ -145,8 +175,9 @@ class Trainer:
         cfg = self.cfg.train
         self.model.train()
         metrics = MetricLogger(self.ctx, self.output_dir, cfg.train_steps, cfg.progress_bar, start_step=self.step)
-        batches = StepAlignedBatches(self.reader, self.ctx)
+        batches = StepAlignedBatches(self.reader, self.ctx, self._negative_sampler())
         trained, saved_at = 0, self.step
+        evaluated_at = self.step
         try:
             while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
@@ -163,14 +194,74 @@ class Trainer:
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self._save(batches, trained, metrics)
                     saved_at = self.step
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0:
+                    saved_at = self._evaluate(batches, trained, metrics, saved_at)
+                    evaluated_at = self.step
             if trained and self.step % cfg.log_steps:
                 metrics.log(self.step)  # the tail of the run since the last log line
             if cfg.save_steps and saved_at != self.step:
                 self._save(batches, trained, metrics)
+                saved_at = self.step
+            if cfg.eval_steps and evaluated_at != self.step:
+                self._evaluate(batches, trained, metrics, saved_at)
         finally:
             metrics.close()
         logger.info("finished after %d steps", self.step)
         return TrainResult(steps=self.step, history=metrics.history)
+
+
+    def _negative_sampler(self) -> NegativeSampler | None:
+        m, d = self.cfg.model, self.cfg.data
+        if not m.num_negatives:
+            return None
+        item = next(f for f in d.features if f.name == d.item_feature)
+        return NegativeSampler(
+            negatives_key(item.name), m.num_negatives, item.table_rows, self.cfg.train.seed, self.ctx.rank, self.step
+        )
+
+
+class NegativeSampler:
+    """Uniform item ids for the batch pulled ``index``-th: a function of (seed, rank, index) alone, so
+    a resumed run draws the same negatives as an uninterrupted one."""
+
+    def __init__(self, key: str, count: int, rows: int, seed: int, rank: int, start_index: int) -> None:
+        self.key, self.count, self.rows = key, count, rows
+        self.seed, self.rank = seed, rank
+        self.index = start_index
+
+    def __call__(self, batch: SequenceBatch) -> SequenceBatch:
+        rng = np.random.default_rng([self.seed, self.rank, self.index])
+        self.index += 1
+        ids = torch.from_numpy(rng.integers(0, self.rows, size=self.count, dtype=np.int64))
+        return with_negatives(batch, self.key, ids)
+
+
+class BestCheckpoint:
+    """Tracks the best validation value (higher is better: every metric here is) and marks it in
+    ``output_dir/best.json``, which survives restarts."""
+
+    def __init__(self, output_dir: Path, metric: str) -> None:
+        self.file = output_dir / "best.json"
+        self.metric = metric
+        self.value = -math.inf
+        self.path: Path | None = None
+        if self.file.is_file():
+            saved = json.loads(self.file.read_text())
+            if saved.get("metric") == metric:
+                self.value = float(saved["value"])
+                self.path = Path(saved["checkpoint"]) if saved.get("checkpoint") else None
+
+    def improves(self, value: float) -> bool:
+        return value > self.value
+
+    def mark(self, step: int, value: float, checkpoint: Path | None) -> None:
+        self.value, self.path = value, checkpoint
+        record = {"metric": self.metric, "value": value, "step": step, "checkpoint": str(checkpoint or "")}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(self.file)  # atomic: a reader never sees half a file
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (train.save_steps = 0)"
+        logger.info("new best %s %.4f at step %d: %s", self.metric, value, step, where)
 
 
 class StepAlignedBatches(Iterator[SequenceBatch]):
@@ -181,8 +272,9 @@ class StepAlignedBatches(Iterator[SequenceBatch]):
     position to checkpoint after k trained batches lies that many batches back (``held_batches``).
     """
 
-    def __init__(self, reader: SequenceReader, ctx: DistContext) -> None:
+    def __init__(self, reader: SequenceReader, ctx: DistContext, negatives: NegativeSampler | None = None) -> None:
         self._reader = reader
+        self._negatives = negatives
         self._batches = iter(reader)
         self._ctx = ctx
         self._pulled = 0
@@ -205,7 +297,8 @@ class StepAlignedBatches(Iterator[SequenceBatch]):
                     self._ctx.rank,
                 )
             raise StopIteration
-        return batch
+        assert batch is not None
+        return self._negatives(batch) if self._negatives else batch
 
     def reader_state(self, trained: int) -> dict[str, Any]:
         """Reader position after ``trained`` batches of this run have been trained on."""
