@@ -125,3 +125,38 @@ def test_one_rank_failing_mid_run_stops_the_job(sample_dir: Path, tmp_path: Path
     assert proc.returncode != 0
     assert "part-1.orc" in proc.stderr and "item_id" in proc.stderr, proc.stderr[-3000:]
     assert elapsed < JOB_TIMEOUT_S
+
+
+def test_periodic_evaluation_marks_the_best_checkpoint_and_the_cli_agrees(sample_dir: Path, tmp_path: Path) -> None:
+    # Leave-one-out training with validation every 10 steps on 2 ranks; then `python -m trainer.evaluate`
+    # on 1 rank must reproduce the logged validation numbers of the best checkpoint exactly.
+    out = tmp_path / "run"
+    settings = [
+        "--config", "configs/default.toml", f"--data.data_paths={sample_dir}", "--data.holdout_positions=2",
+        '--model.target_features=["item_id"]', "--model.num_negatives=64", "--eval.ks=[1,10]",
+        "--eval.best_metric=hr@10", "--eval.candidates=data",
+    ]  # fmt: skip
+    proc, _ = _run(
+        _torchrun(
+            *settings, f"--train.output_dir={out}", "--train.train_steps=20", "--train.eval_steps=10",
+            "--train.save_steps=5", "--train.max_to_keep=1", "--model.num_layers=1",
+        )
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [10, 20]
+    best = json.loads((out / "best.json").read_text())
+    best_eval = max(evals, key=lambda e: e["metrics"]["hr@10"])
+    assert best["step"] == best_eval["step"] and best["metric"] == "hr@10"
+    checkpoint = Path(best["checkpoint"])
+    # Pruning to max_to_keep = 1 keeps the best checkpoint next to the newest one.
+    assert (checkpoint / "COMPLETE").is_file() and (out / "step_20" / "COMPLETE").is_file()
+
+    proc, _ = _run(
+        [sys.executable, "-m", "trainer.evaluate", *settings, "--model.num_layers=1", "--checkpoint", str(checkpoint),
+         "--eval.split=valid", "--out", str(tmp_path / "valid.json")]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = json.loads((tmp_path / "valid.json").read_text())
+    assert cli["metrics"] == best_eval["metrics"]
+    assert cli["num_users"] == best_eval["num_users"] > 0

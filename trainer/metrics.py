@@ -109,6 +109,10 @@ class MetricLogger:
         self._window_start = time.perf_counter()
         return record
 
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` spent outside training (evaluation) out of the current window's rates."""
+        self._window_start += seconds
+
     def _peak_memory_gib(self) -> float:
         """Peak over ranks: CUDA allocator peak on GPU, peak resident set size of the process on CPU."""
         if self.ctx.device.type == "cuda":

@@ -138,10 +138,12 @@ class Trainer:
     def _evaluate(self, batches: StepAlignedBatches, trained: int, metrics: MetricLogger, saved_at: int) -> int:
         """Validation metrics now; a new best is checkpointed (if checkpoints are on) and marked.
         Returns the step of the latest checkpoint."""
-        # The pipeline rewired the sparse modules' forward for its in-flight batches; evaluation calls them
-        # directly. progress() attaches the model again.
+        # The pipeline is empty here (StepAlignedBatches paused at this step, so it trained what it held);
+        # evaluation calls the sparse modules directly, so their own forward goes back in place. The
+        # next progress() attaches the model again and refills the pipeline.
         self.pipeline.detach()
         result = Evaluator(self.cfg, self.ctx, self.model).run()
+        metrics.pause(result.seconds)
         if self.ctx.is_main:
             write_result(self.output_dir, self.step, result)
         value = result.metrics[self.cfg.eval.best_metric]
@@ -178,10 +180,11 @@ class Trainer:
         batches = StepAlignedBatches(self.reader, self.ctx, self._negative_sampler())
         trained, saved_at = 0, self.step
         evaluated_at = self.step
+        feed = batches.until(self._next_eval_step(self.step) - self.step if cfg.eval_steps else None)
         try:
             while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
-                    out: Seq2SeqOutput = self.pipeline.progress(batches)
+                    out: Seq2SeqOutput = self.pipeline.progress(feed)
                 except StopIteration:
                     break
                 self.step += 1
@@ -197,6 +200,7 @@ class Trainer:
                 if cfg.eval_steps and self.step % cfg.eval_steps == 0:
                     saved_at = self._evaluate(batches, trained, metrics, saved_at)
                     evaluated_at = self.step
+                    feed = batches.until(trained + cfg.eval_steps)
             if trained and self.step % cfg.log_steps:
                 metrics.log(self.step)  # the tail of the run since the last log line
             if cfg.save_steps and saved_at != self.step:
@@ -209,6 +213,9 @@ class Trainer:
         logger.info("finished after %d steps", self.step)
         return TrainResult(steps=self.step, history=metrics.history)
 
+
+    def _next_eval_step(self, step: int) -> int:
+        return (step // self.cfg.train.eval_steps + 1) * self.cfg.train.eval_steps
 
     def _negative_sampler(self) -> NegativeSampler | None:
         m, d = self.cfg.model, self.cfg.data
@@ -264,6 +271,14 @@ class BestCheckpoint:
         logger.info("new best %s %.4f at step %d: %s", self.metric, value, step, where)
 
 
+class _Feed(Iterator[SequenceBatch]):
+    def __init__(self, source: StepAlignedBatches) -> None:
+        self._source = source
+
+    def __next__(self) -> SequenceBatch:
+        return next(self._source)
+
+
 class StepAlignedBatches(Iterator[SequenceBatch]):
     """The reader's batches, pulled in step on every rank, counting what was pulled.
 
@@ -279,9 +294,17 @@ class StepAlignedBatches(Iterator[SequenceBatch]):
         self._ctx = ctx
         self._pulled = 0
         self._exhausted = False
+        self._pause_after: int | None = None
+
+    def until(self, pulls: int | None) -> Iterator[SequenceBatch]:
+        """These batches, stopping after ``pulls`` in total (None: at the end of the data). The pipeline then
+        trains what it holds and runs empty, so evaluation sees the model at exactly that step. Returns a
+        new iterator object each time: TorchRec's pipeline remembers an iterator that once ran dry."""
+        self._pause_after = pulls
+        return _Feed(self)
 
     def __next__(self) -> SequenceBatch:
-        if self._exhausted:
+        if self._exhausted or (self._pause_after is not None and self._pulled >= self._pause_after):
             raise StopIteration
         batch = next(self._batches, None)
         # Counted even when all ranks stop below: the reader handed it out, so its position moved on.
