@@ -29,6 +29,10 @@ class ModelConfig:
     # the in-batch ones ("mixed negatives"): in-batch negatives are biased towards popular items, uniform
     # ones cover the tail that full-ranking evaluation scores too. 0 = in-batch only (seed).
     num_negatives: int = 0
+    # Learned embeddings of each position's distance to the user's newest item, added to the projected
+    # inputs (SASRec uses learned positions too); distances >= max_positions share the last row. 0 = none,
+    # as in the seed (the causal mask alone then carries order).
+    max_positions: int = 0
     # For ablations only: put back bugs of the seed's loss (DESIGN.md §1). "copy_shift" pairs the query
     # at t+1 with the item at t (which causal attention lets the model copy); "padding" lets padded
     # positions enter the loss as queries and targets.

@@ -25,7 +25,11 @@ def next_item_mask(seq_lengths: torch.Tensor, item_ids: torch.Tensor) -> torch.T
 
 
 def _pairs(
-    hidden: torch.Tensor, targets: torch.Tensor, seq_lengths: torch.Tensor, item_ids: torch.Tensor, bugs: tuple[str, ...]
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    seq_lengths: torch.Tensor,
+    item_ids: torch.Tensor,
+    bugs: tuple[str, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(queries, keys, target ids) of the (query, next item) pairs that enter the loss."""
     if "copy_shift" in bugs:

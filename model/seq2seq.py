@@ -72,6 +72,20 @@ def column_layout(features: list[FeatureConfig], cfg: ModelConfig, item_feature:
     )
 
 
+class PositionEmbedding(nn.Embedding):
+    """Distance-to-newest-item embeddings, initialised small (std 0.02, as GPT-2's) so they do not drown
+    the projected item embeddings at the start; DMP calls ``reset_parameters`` when it materialises."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, seq_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        t = torch.arange(max_len, device=seq_lengths.device)
+        # Padding gets distance 0 too: it never reaches a real position under the causal mask.
+        distance = (seq_lengths.unsqueeze(1) - 1 - t).clamp(min=0, max=self.num_embeddings - 1)
+        return super().forward(distance)
+
+
 class Seq2SeqDecoder(nn.Module):
     """Dense part: ``[B*T, width]`` embeddings -> loss. Holds no sharded module, so the pipeline tracer
     treats it as a leaf."""
@@ -81,6 +95,7 @@ class Seq2SeqDecoder(nn.Module):
         self.cfg = cfg
         self.layout = layout
         self.proj = nn.Linear(layout.input_width, cfg.hidden_size)
+        self.position = PositionEmbedding(cfg.max_positions, cfg.hidden_size) if cfg.max_positions else None
         self.transformer = CausalTransformer(cfg)
         self._bugs = tuple(cfg.seed_loss_bugs)
 
@@ -95,14 +110,23 @@ class Seq2SeqDecoder(nn.Module):
         # bf16 autocast as in the seed, on CUDA only (CPU bf16 matmuls are slower than fp32 on most hosts).
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and x.is_cuda)
 
-    def encode(self, embeddings: torch.Tensor, batch_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (hidden states, target representations), both ``[B, T, hidden_size]``."""
+    def encode(
+        self, embeddings: torch.Tensor, batch_shape: torch.Size, seq_lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (hidden states, target representations), both ``[B, T, hidden_size]``. ``seq_lengths``
+        is needed with position embeddings."""
         x = embeddings[:, : self.layout.input_width].reshape(*batch_shape, -1)
         with self._autocast(x):
-            inputs = self.proj(x)
+            projected = self.proj(x)
+            inputs = projected
+            if self.position is not None:
+                if seq_lengths is None:
+                    raise ValueError("model.max_positions > 0: encode() needs the sequence lengths")
+                inputs = projected + self.position(seq_lengths, x.shape[1])
             hidden = self.transformer(inputs)
             if self.layout.targets_are_inputs:
-                targets = inputs
+                # Targets are items, not items at a position: no position embedding.
+                targets = projected
             else:
                 parts = [x[..., self.layout.columns(n)] for n in self.layout.target_features]
                 targets = self._project(torch.cat(parts, dim=-1), self.layout.target_features)
@@ -125,7 +149,7 @@ class Seq2SeqDecoder(nn.Module):
         item_ids: torch.Tensor,
         negative_ids: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
-        hidden, targets = self.encode(embeddings, item_ids.shape)
+        hidden, targets = self.encode(embeddings, item_ids.shape, seq_lengths)
         negatives = None
         if negative_ids is not None:
             # The sampled ids fill the first rows of the negatives block (one id per bag).

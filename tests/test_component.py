@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from torchx.specs import macros
 
-from trainer.component import train
+from trainer.component import evaluate, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPONENT = "trainer/component.py:train"
@@ -41,6 +41,15 @@ def test_single_node_appdef_runs_torchrun_with_config_and_overrides() -> None:
     assert role.env["OMP_NUM_THREADS"] == "2"
     assert role.env["PYTHONUNBUFFERED"] == "1"
     assert role.port_map == {"c10d": 29500}
+
+
+def test_evaluate_appdef_runs_the_evaluator_on_the_checkpoint() -> None:
+    app = evaluate("--eval.protocol=sampled", config="configs/x.toml", checkpoint="outputs/r/step_5", nproc_per_node=2)
+    words = shlex.split(_command(app))
+    assert words[-7:] == ["-m", "trainer.evaluate", "--config", "configs/x.toml", "--checkpoint", "outputs/r/step_5",
+                          "--eval.protocol=sampled"]
+    with pytest.raises(ValueError, match="--checkpoint"):
+        evaluate(config="configs/x.toml")
 
 
 def test_omp_threads_never_zero_and_env_overrides_win() -> None:

@@ -222,3 +222,21 @@ def test_model_with_sampled_negatives_trains_their_rows() -> None:
     grad = model.sparse.embedding_collection.embeddings["item_id"].weight.grad
     # Rows 8 and 9 appear only as negatives: they get gradient from the loss.
     assert grad[8].abs().sum() > 0 and grad[9].abs().sum() > 0
+
+
+def test_position_embeddings_count_from_the_newest_item() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, dropout=0.0, emb_size=12,
+                      max_positions=4)  # fmt: skip
+    model = Seq2SeqModel(FEATURES, cfg)
+    model.dense.position.reset_parameters()
+    emb = torch.randn(2 * 5, 12)
+    # Two users with 5 and 3 real positions: both newest items get distance 0, so the same embedding row.
+    lengths = torch.tensor([5, 3])
+    pos = model.dense.position(lengths, 5)
+    assert torch.equal(pos[0, 4], pos[1, 2]) and torch.equal(pos[0, 0], pos[0, 1])  # distance 4 clamps to 3
+    hidden, targets = model.dense.encode(emb, torch.Size([2, 5]), lengths)
+    # Targets stay position-free (items, not items at a position).
+    assert torch.allclose(targets, model.dense.proj(emb).view(2, 5, 8))
+    with pytest.raises(ValueError, match="max_positions"):
+        model.dense.encode(emb, torch.Size([2, 5]))

@@ -147,8 +147,9 @@ def train(
         name: job name
     """
     return _torchrun_app(
-        TRAINER_MODULE, list(script_args), config, nnodes, nproc_per_node, specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
-        image, env, max_retries, max_restarts, rdzv_port, rdzv_backend, mounts, name,
+        TRAINER_MODULE, list(script_args), config, nnodes, nproc_per_node,
+        specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h), image, env, max_retries, max_restarts, rdzv_port,
+        rdzv_backend, mounts, name,
     )  # fmt: skip
 
 

@@ -284,6 +284,8 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optim.lr_decay = {o.lr_decay!r} decays towards train.train_steps, which is 0")
     if len(cfg.optim.dense_betas) != 2:
         raise ConfigError("optim.dense_betas must hold two numbers")
+    if m.max_positions < 0:
+        raise ConfigError(f"model.max_positions must be >= 0, got {m.max_positions}")
     if d.holdout_positions < 0:
         raise ConfigError(f"data.holdout_positions must be >= 0, got {d.holdout_positions}")
     _validate_targets(cfg)

@@ -271,8 +271,8 @@ class Evaluator:
         kjt = batch.sparse_features
         embeddings = self.model.sparse(kjt.to(self.ctx.device))
         item_ids = batch.item_ids.to(self.ctx.device)
-        hidden, _ = self.model.dense.encode(embeddings, item_ids.shape)
         lengths = batch.seq_lengths.to(self.ctx.device).long()
+        hidden, _ = self.model.dense.encode(embeddings, item_ids.shape, lengths)
         last = (lengths - 1).clamp(min=0)
         rows = torch.arange(lengths.numel(), device=item_ids.device)
         targets = item_ids[rows, last]
@@ -342,7 +342,9 @@ class Evaluator:
             torch.from_numpy(found).to(device).view(ids.shape),
         )
 
-    def _owned_scores(self, q: _Queries, ids: torch.Tensor, local_ids: np.ndarray, vectors: torch.Tensor) -> torch.Tensor:
+    def _owned_scores(
+        self, q: _Queries, ids: torch.Tensor, local_ids: np.ndarray, vectors: torch.Tensor
+    ) -> torch.Tensor:
         """Scores of ``ids`` ([Q, M]) for the candidates this rank holds, 0 elsewhere; summed over ranks
         every score is present exactly once (x + 0 is exact)."""
         pos, found = self._local_positions(ids, local_ids)

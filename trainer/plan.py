@@ -97,7 +97,9 @@ def dry_run(
     from trainer.sharding import make_planner, make_sharders, prepare_for_planning, sparse_optimizer_name
 
     device = torch.device("cuda")  # the target; nothing is allocated on it
-    model = Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta"), item_feature=cfg.data.item_feature)
+    model = Seq2SeqModel(
+        cfg.data.features, cfg.model, device=torch.device("meta"), item_feature=cfg.data.item_feature
+    )
     prepare_for_planning(model, world_size)
     recorder = _recorder()
     planner = make_planner(
