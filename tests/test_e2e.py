@@ -138,19 +138,20 @@ def test_periodic_evaluation_marks_the_best_checkpoint_and_the_cli_agrees(sample
     ]  # fmt: skip
     proc, _ = _run(
         _torchrun(
-            *settings, f"--train.output_dir={out}", "--train.train_steps=20", "--train.eval_steps=10",
+            # 25 steps: the last evaluation comes after a step that is no multiple of eval_steps.
+            *settings, f"--train.output_dir={out}", "--train.train_steps=25", "--train.eval_steps=10",
             "--train.save_steps=5", "--train.max_to_keep=1", "--model.num_layers=1",
         )
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [10, 20]
+    assert [e["step"] for e in evals] == [10, 20, 25]
     best = json.loads((out / "best.json").read_text())
     best_eval = max(evals, key=lambda e: e["metrics"]["hr@10"])
     assert best["step"] == best_eval["step"] and best["metric"] == "hr@10"
     checkpoint = Path(best["checkpoint"])
     # Pruning to max_to_keep = 1 keeps the best checkpoint next to the newest one.
-    assert (checkpoint / "COMPLETE").is_file() and (out / "step_20" / "COMPLETE").is_file()
+    assert (checkpoint / "COMPLETE").is_file() and (out / "step_25" / "COMPLETE").is_file()
 
     proc, _ = _run(
         [sys.executable, "-m", "trainer.evaluate", *settings, "--model.num_layers=1", "--checkpoint", str(checkpoint),

@@ -178,9 +178,9 @@ class Trainer:
         self.model.train()
         metrics = MetricLogger(self.ctx, self.output_dir, cfg.train_steps, cfg.progress_bar, start_step=self.step)
         batches = StepAlignedBatches(self.reader, self.ctx, self._negative_sampler())
-        trained, saved_at = 0, self.step
+        start, trained, saved_at = self.step, 0, self.step
         evaluated_at = self.step
-        feed = batches.until(self._next_eval_step(self.step) - self.step if cfg.eval_steps else None)
+        feed = batches.until(self._pause_step(self.step, start))
         try:
             while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
@@ -200,7 +200,7 @@ class Trainer:
                 if cfg.eval_steps and self.step % cfg.eval_steps == 0:
                     saved_at = self._evaluate(batches, trained, metrics, saved_at)
                     evaluated_at = self.step
-                    feed = batches.until(trained + cfg.eval_steps)
+                    feed = batches.until(self._pause_step(self.step, start))
             if trained and self.step % cfg.log_steps:
                 metrics.log(self.step)  # the tail of the run since the last log line
             if cfg.save_steps and saved_at != self.step:
@@ -214,8 +214,17 @@ class Trainer:
         return TrainResult(steps=self.step, history=metrics.history)
 
 
-    def _next_eval_step(self, step: int) -> int:
-        return (step // self.cfg.train.eval_steps + 1) * self.cfg.train.eval_steps
+    def _pause_step(self, step: int, start: int) -> int | None:
+        """Batches to pull in this run (which began at ``start``) before the pipeline must run empty: at the
+        next evaluation and at the last step, so that evaluation never meets batches in flight. None when
+        nothing evaluates."""
+        cfg = self.cfg.train
+        if not cfg.eval_steps:
+            return None
+        stop = (step // cfg.eval_steps + 1) * cfg.eval_steps
+        if cfg.train_steps:
+            stop = min(stop, cfg.train_steps)
+        return stop - start
 
     def _negative_sampler(self) -> NegativeSampler | None:
         m, d = self.cfg.model, self.cfg.data
