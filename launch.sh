@@ -34,7 +34,7 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
   ./launch.sh eval [CONFIG.toml] --checkpoint outputs/RUN/step_N [--eval.key=value ...]
         Leave-one-out evaluation of a checkpoint (test split; --eval.split=valid for validation,
         --eval.protocol=sampled for the SASRec paper's 100-negative protocol). Prints the metrics and
-        writes them to CHECKPOINT/eval_<split>.json.
+        writes them to CHECKPOINT/eval_<split>_<protocol>.json.
   ./launch.sh export --checkpoint outputs/RUN/step_N --out DIR [--format parquet|npy]
         Write a checkpoint's embedding tables and dense model for serving, without the distributed runtime.
   ./launch.sh setup

@@ -433,7 +433,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--config", required=True, help="TOML config the checkpoint was trained with")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (output_dir/step_N)")
-    parser.add_argument("--out", help="write the metrics as JSON here (default: CHECKPOINT/eval_<split>.json)")
+    parser.add_argument(
+        "--out", help="write the metrics as JSON here (default: CHECKPOINT/eval_<split>_<protocol>.json)"
+    )
     return parser.parse_known_args(argv)
 
 
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s: %s", type(e).__name__, e)
         return 1
     if is_rank0:
-        out = Path(args.out) if args.out else checkpoint / f"eval_{cfg.eval.split}.json"
+        out = Path(args.out) if args.out else checkpoint / f"eval_{cfg.eval.split}_{cfg.eval.protocol}.json"
         out.write_text(json.dumps(result.to_json(), indent=1) + "\n")
         print(json.dumps(result.metrics))
         logger.info("wrote %s", out)
