@@ -426,40 +426,44 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
         + (row_in_batch * max_lens[batch_of_row])[None, :]
     )
     flat_positions = positions.ravel()
-    bag_lengths = np.concatenate([f.bag_lengths for f in features])
+    # Cast while concatenating: a scatter that also converts int64 to int32 costs 4x one that does not.
+    bag_lengths = np.concatenate([f.bag_lengths for f in features], dtype=np.int32)
     slots = np.repeat(row_base.ravel() - _exclusive_cumsum(flat_positions)[:-1], flat_positions) + np.arange(
         len(bag_lengths), dtype=np.int64
     )
     lengths = np.zeros(int(bases[-1]), dtype=np.int32)
     lengths[slots] = bag_lengths
 
-    # Target ids: batch j's [n_j, T_j] grid occupies [item_bases[j], item_bases[j+1]).
+    # Target ids: batch j's [n_j, T_j] grid occupies [item_bases[j], item_bases[j+1]); row r's positions start
+    # at item_row[r] in it.
     item = features[item_index]
     item_bases = _exclusive_cumsum(strides)
-    first = sum(len(f.bag_lengths) for f in features[:item_index])
-    batch_of_position = np.repeat(batch_of_row, item.positions)
-    item_slots = (
-        slots[first : first + len(item.bag_lengths)]
-        - bases[:-1][batch_of_position]
-        - item_index * strides[batch_of_position]
-        + item_bases[:-1][batch_of_position]
-    )
-    filled = item.bag_lengths > 0
+    item_row = item_bases[:-1][batch_of_row] + row_in_batch * max_lens[batch_of_row]
+    item_slots = np.repeat(item_row - item.pos_offsets[:-1], item.positions)
+    item_slots += np.arange(len(item.bag_lengths), dtype=np.int64)
     item_ids = np.full(int(item_bases[-1]), -1, dtype=np.int64)
-    item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
+    if len(item.values) == len(item.bag_lengths) and item.bag_lengths.min(initial=1) == 1:
+        item_ids[item_slots] = item.values  # one value per position (list<T>, single ids): no gather needed
+    else:
+        filled = item.bag_lengths > 0
+        item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
 
-    row_bounds = np.append(starts, num_rows)
-    value_bounds = [f.bag_offsets[f.pos_offsets[row_bounds]] for f in features]
+    # Python ints: the loop below runs per batch, and numpy scalars make every slice and call there slower.
+    row_bounds = np.append(starts, num_rows).tolist()
+    value_bounds = [f.bag_offsets[f.pos_offsets[row_bounds]].tolist() for f in features]
+    values_of = [f.values for f in features]
+    sizes, max_lens, strides = sizes.tolist(), max_lens.tolist(), strides.tolist()
+    bases, item_bases = bases.tolist(), item_bases.tolist()
     batches = []
-    for j in range(len(starts)):
-        values = np.concatenate([f.values[b[j] : b[j + 1]] for f, b in zip(features, value_bounds)])
+    for j in range(len(sizes)):
+        values = np.concatenate([v[b[j] : b[j + 1]] for v, b in zip(values_of, value_bounds)])
         kjt = KeyedJaggedTensor(
             keys=keys,
             values=torch.from_numpy(values.astype(np.int64, copy=False)),
             lengths=torch.from_numpy(lengths[bases[j] : bases[j + 1]]),
-            stride=int(strides[j]),
+            stride=strides[j],
         )
-        grid = item_ids[item_bases[j] : item_bases[j + 1]].reshape(int(sizes[j]), int(max_lens[j]))
+        grid = item_ids[item_bases[j] : item_bases[j + 1]].reshape(sizes[j], max_lens[j])
         batches.append(
             SequenceBatch(
                 sparse_features=kjt,

@@ -66,7 +66,7 @@ class WorkerTraceback(Exception):
 
 @dataclass
 class _Decoded:
-    """A block laid out in slot memory: per feature its positions, bag_lengths and values arrays."""
+    """A block laid out in slot memory: per feature its positions, bag_lengths, values and offsets arrays."""
 
     arrays: list[tuple[str, int]]  # (dtype, element count) per array, in slot order
     skipped: int
@@ -97,13 +97,20 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+_FEATURE_ARRAYS = 5
+
+
 def _block_arrays(block: RowBlock) -> list[np.ndarray]:
-    # Offsets are not shipped: the parent's FeatureRows recomputes them for less than copying them costs.
-    return [a for f in block.features for a in (f.positions, f.bag_lengths, f.values)]
+    # The offsets too: copying them here is cheaper than the parent computing them again, and the parent is
+    # the one process that all batches go through.
+    return [
+        a for f in block.features for a in (f.positions, f.bag_lengths, f.values, f.pos_offsets, f.bag_offsets)
+    ]
 
 
 def _block_from(arrays: list[np.ndarray], skipped: int) -> RowBlock:
-    return RowBlock([FeatureRows(*arrays[i : i + 3]) for i in range(0, len(arrays), 3)], skipped)
+    step = _FEATURE_ARRAYS
+    return RowBlock([FeatureRows(*arrays[i : i + step]) for i in range(0, len(arrays), step)], skipped)
 
 
 # --------------------------------------------------------------------------------------------- worker
