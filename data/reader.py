@@ -739,7 +739,7 @@ class SequenceReader:
     def _produce(self, out: queue.Queue, stop: threading.Event, start: Position) -> None:
         pool: _ThreadDecoder | DecodeProcesses | None = None
         try:
-            pool = self._decoder()
+            pool = self._decoder(stop)
             for item in self._batches(pool, stop, start):
                 if not _put(out, item, stop):
                     return
@@ -750,13 +750,13 @@ class SequenceReader:
             if pool is not None:
                 pool.shutdown()
 
-    def _decoder(self) -> _ThreadDecoder | DecodeProcesses:
+    def _decoder(self, stop: threading.Event) -> _ThreadDecoder | DecodeProcesses:
         name = f"SequenceReader-r{self.rank}-dec"
         if self.cfg.read_workers > 0:
             # Imported here, not at the top: data.workers imports this module (and only processes need it).
             from data.workers import DecodeProcesses
 
-            return DecodeProcesses(self.cfg, self.cfg.read_workers, name)
+            return DecodeProcesses(self.cfg, self.cfg.read_workers, name, stop)
         return _ThreadDecoder(self.cfg, name)
 
     def epoch_units(self, epoch: int) -> list[ReadUnit]:

@@ -34,6 +34,8 @@ import pickle
 import platform
 import signal
 import tempfile
+import threading
+import time
 import traceback
 import weakref
 from collections import deque
@@ -51,7 +53,12 @@ logger = logging.getLogger(__name__)
 
 _MIN_SLOT_BYTES = 1 << 20
 _ALIGN = 8  # every array starts 8-byte aligned in a slot
-_STOP_GRACE_S = 2.0  # a worker finishes the units queued to it, then exits; after this it is terminated
+_STOP_GRACE_S = 2.0  # workers finish the units queued to them, then exit; after this they are terminated
+_POLL_S = 0.1  # how often a wait for a worker's reply checks whether the reader was stopped
+
+
+class Stopped(Exception):
+    """The reader was stopped while waiting for a worker: nobody wants the unit any more."""
 
 
 class WorkerTraceback(Exception):
@@ -245,9 +252,10 @@ class _Pending:
 class _Worker:
     """The parent's side of one worker process: its pipe, slots, and units in flight."""
 
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+    def __init__(self, process: BaseProcess, conn: Connection, stop: threading.Event) -> None:
         self.process = process
         self.conn = conn
+        self.stop = stop
         self.slots: dict[int, mmap.mmap] = {}  # the parent's mappings of the worker's slot files
         # Appended to by finalizers, on whichever thread drops a block's last array: a deque is thread-safe.
         self.free_slots: deque[int] = deque()
@@ -255,7 +263,7 @@ class _Worker:
         self.pending: deque[_Pending] = deque()
 
     @classmethod
-    def start(cls, ctx: mp.context.BaseContext, cfg: DataConfig, name: str) -> _Worker:
+    def start(cls, ctx: mp.context.BaseContext, cfg: DataConfig, name: str, stop: threading.Event) -> _Worker:
         parent_end, child_end = ctx.Pipe(duplex=True)  # a socket pair: it can carry file descriptors
         level = logging.getLogger("data").getEffectiveLevel()
         process = ctx.Process(target=_worker_main, args=(child_end, cfg, level), name=name, daemon=True)
@@ -264,7 +272,7 @@ class _Worker:
         finally:
             # Only the child holds its end now: its death reads as EOF here, and ours as EOF there.
             child_end.close()
-        return cls(process, parent_end)
+        return cls(process, parent_end, stop)
 
     def submit(self, unit: ReadUnit) -> _Pending:
         if self.free_slots:
@@ -284,6 +292,10 @@ class _Worker:
             raise RuntimeError("decode results must be taken in submission order")
         self.pending.popleft()
         try:
+            # Polled, not a plain recv: a consumer that stops must not wait for a long unit (or a hung read).
+            while not self.conn.poll(_POLL_S):
+                if self.stop.is_set():
+                    raise Stopped(f"stopped while {pending.unit.label} was being decoded")
             reply = self.conn.recv()
             if isinstance(reply, _Decoded) and reply.new_slot:
                 self._map_slot(pending.slot, recv_handle(self.conn), reply.new_slot)
@@ -331,13 +343,12 @@ class _Worker:
         except OSError:
             pass  # already gone
 
-    def join(self) -> None:
-        self.process.join(_STOP_GRACE_S)
+    def join(self, deadline: float) -> None:
+        """Wait for the worker to exit until ``deadline`` (``time.monotonic``), then make it."""
+        self.process.join(max(0.0, deadline - time.monotonic()))
         if self.process.is_alive():
-            # Busy with a long unit nobody will read: decoding holds nothing worth a clean exit.
-            self.process.terminate()
-            self.process.join(_STOP_GRACE_S)
-        if self.process.is_alive():
+            # Busy with a unit nobody will read, or hung in a read: a worker holds nothing that needs a clean
+            # exit (the kernel frees its slots), and SIGKILL also ends a stopped process.
             self.process.kill()
             self.process.join()
         self.conn.close()
@@ -353,10 +364,11 @@ class DecodeProcesses:
     decoded ``RowBlock``; results must be taken in submission order (the reader's decode window does). A
     decode error is re-raised by ``result()`` as the same exception, with the worker's traceback as its
     cause; a worker that dies (killed, out of memory) makes ``result()`` raise RuntimeError naming it and
-    the unit. ``shutdown()`` stops and joins every worker.
+    the unit; once ``stop`` is set, a ``result()`` still waiting raises ``Stopped``. ``shutdown()`` stops and
+    joins every worker (terminating those still busy after a grace period).
     """
 
-    def __init__(self, cfg: DataConfig, workers: int, name: str) -> None:
+    def __init__(self, cfg: DataConfig, workers: int, name: str, stop: threading.Event | None = None) -> None:
         if workers < 1:
             raise ValueError(f"DecodeProcesses needs at least one worker, not {workers}")
         ctx = mp.get_context("forkserver")
@@ -368,7 +380,7 @@ class DecodeProcesses:
         self._submitted = 0
         try:
             for i in range(workers):
-                self._workers.append(_Worker.start(ctx, cfg, f"{name}-{i}"))
+                self._workers.append(_Worker.start(ctx, cfg, f"{name}-{i}", stop or threading.Event()))
         except BaseException:
             self.shutdown()
             raise
@@ -382,6 +394,7 @@ class DecodeProcesses:
     def shutdown(self) -> None:
         for worker in self._workers:
             worker.request_stop()
+        deadline = time.monotonic() + _STOP_GRACE_S  # one grace period for all of them, not one each
         for worker in self._workers:
-            worker.join()
+            worker.join(deadline)
         self._workers.clear()

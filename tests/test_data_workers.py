@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from data.batch import SequenceBatch
 from data.config import DataConfig, FeatureConfig
 from data.reader import SequenceReader
-from data.workers import WorkerTraceback, _portable
+from data.workers import DecodeProcesses, Stopped, WorkerTraceback, _portable
 from tests.test_data_reader import (
     LL_INT,
     LL_STR,
@@ -187,6 +188,25 @@ def test_killed_worker_is_an_error_not_a_hang(tmp_path: Path) -> None:
         run_with_timeout(lambda: [next(iterator) for _ in range(1000)])
     iterator.close()
     wait_for_no_workers()
+
+
+def test_stop_ends_the_wait_for_a_hung_worker_and_shutdown_kills_it(tmp_path: Path) -> None:
+    path = _numbered_file(tmp_path / "n.orc", rows=8, rows_per_stripe=4)
+    cfg = item_config(path, read_workers=1)
+    stop = threading.Event()
+    pool = DecodeProcesses(cfg, 1, "SequenceReader-test", stop)
+    (worker,) = worker_processes()
+    os.kill(worker.pid, signal.SIGSTOP)  # as if stuck in a read that never returns
+    try:
+        pending = pool.submit(SequenceReader(cfg).units[0])
+        threading.Timer(0.2, stop.set).start()  # the consumer goes away
+        with pytest.raises(Stopped):
+            run_with_timeout(pending.result)
+        pool.shutdown()
+        wait_for_no_workers()
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGCONT)
 
 
 def test_negative_read_workers_is_refused(tmp_path: Path) -> None:
