@@ -20,7 +20,8 @@ decoding them (measured: 5 ms against 7 ms for a 2.7 MB unit; pickle copies, 64 
 
 Workers are started by a ``forkserver`` with this module preloaded: never ``fork``ed from the training
 process (its torch/gloo threads may hold locks that a forked child would inherit, locked), and without
-paying ``spawn``'s torch import (seconds) per worker and pass. POSIX only.
+paying ``spawn``'s torch import (seconds) per worker and pass. The server only imports modules (it never
+runs a torch op, so no torch thread pool, gloo or CUDA state exists where workers are forked). POSIX only.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import mmap
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 _MIN_SLOT_BYTES = 1 << 20
 _ALIGN = 8  # every array starts 8-byte aligned in a slot
-_STOP_GRACE_S = 2.0  # workers finish the units queued to them, then exit; after this they are terminated
+_STOP_GRACE_S = 2.0  # workers finish the units queued to them, then exit; after this they are killed
 _POLL_S = 0.1  # how often a wait for a worker's reply checks whether the reader was stopped
 
 
@@ -169,8 +170,8 @@ def _write(block: RowBlock, slot: int, slots: dict[int, tuple[int, mmap.mmap]]) 
     for a in arrays:
         np.frombuffer(buffer, a.dtype, a.size, offset)[:] = a
         offset += _aligned(a.nbytes)
-    reply = _Decoded([(a.dtype.str, a.size) for a in arrays], block.skipped, len(buffer) if new_fd is not None else 0)
-    return reply, new_fd
+    layout = [(a.dtype.str, a.size) for a in arrays]
+    return _Decoded(layout, block.skipped, len(buffer) if new_fd is not None else 0), new_fd
 
 
 def _serve(conn: Connection, cfg: DataConfig, logs: _LogBuffer) -> None:
@@ -210,7 +211,11 @@ def _keep_freed_memory() -> None:
     time outside pyarrow's read. The worker's heap now stays at its peak (one unit's working set). Only in
     worker processes: the training process's allocator is not ours to tune.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):  # not glibc
+        libc = ""
+    if not libc.startswith("glibc"):
         return
     mallopt = ctypes.CDLL(None).mallopt
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
@@ -330,7 +335,10 @@ class _Worker:
     def _died(self, unit: ReadUnit) -> RuntimeError:
         self.process.join(timeout=1.0)
         code = self.process.exitcode
-        how = "still running" if code is None else f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if code is None:
+            how = "still running"
+        else:
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         hint = "; SIGKILL often means the machine ran out of memory" if code == -signal.SIGKILL else ""
         return RuntimeError(
             f"decode worker {self.process.name} (pid {self.process.pid}) stopped answering while decoding "
@@ -357,6 +365,21 @@ class _Worker:
         self.slots.clear()
 
 
+def _preload() -> list[str]:
+    """Modules the forkserver imports once, when this process first starts it: this one (torch & co) and the
+    main module. Every worker forked from the server starts with them loaded.
+
+    The main module matters because multiprocessing re-runs it in each new worker (to unpickle anything
+    defined there): preloaded, its imports are already done, otherwise each worker of each pass would import
+    everything a training script imports. Like any multiprocessing program, the main module must guard
+    its entry point with ``if __name__ == "__main__"``.
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)  # set when run as ``python -m name``
+    by_name = [name] if name and name != "__main__" and not name.endswith(".__main__") else []
+    return ["__main__", *by_name, __name__]  # "__main__": the script, when run as ``python path.py``
+
+
 class DecodeProcesses:
     """``workers`` processes running ``decode_unit`` for one reader pass.
 
@@ -365,26 +388,25 @@ class DecodeProcesses:
     decode error is re-raised by ``result()`` as the same exception, with the worker's traceback as its
     cause; a worker that dies (killed, out of memory) makes ``result()`` raise RuntimeError naming it and
     the unit; once ``stop`` is set, a ``result()`` still waiting raises ``Stopped``. ``shutdown()`` stops and
-    joins every worker (terminating those still busy after a grace period).
+    joins every worker (killing those still busy after a grace period).
     """
 
     def __init__(self, cfg: DataConfig, workers: int, name: str, stop: threading.Event | None = None) -> None:
         if workers < 1:
             raise ValueError(f"DecodeProcesses needs at least one worker, not {workers}")
         ctx = mp.get_context("forkserver")
-        # Takes effect when this process first starts its forkserver: the server imports torch & co once,
-        # and every worker forked from it starts with them loaded.
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload(_preload())
         self.parallelism = workers
         self._workers: list[_Worker] = []
         self._submitted = 0
+        stop = stop or threading.Event()
         try:
             for i in range(workers):
-                self._workers.append(_Worker.start(ctx, cfg, f"{name}-{i}", stop or threading.Event()))
+                self._workers.append(_Worker.start(ctx, cfg, f"{name}-{i}", stop))
         except BaseException:
             self.shutdown()
             raise
-        logger.debug("started %d decode worker processes: pids %s", workers, [w.process.pid for w in self._workers])
+        logger.debug("started %d decode worker processes, pids %s", workers, [w.process.pid for w in self._workers])
 
     def submit(self, unit: ReadUnit) -> _Pending:
         worker = self._workers[self._submitted % len(self._workers)]
