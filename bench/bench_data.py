@@ -1,6 +1,6 @@
 """Data benchmark: files -> KJT batches, next to pyarrow's raw ORC decode and the training step's appetite.
 
-``python -m bench.bench_data [--users N] [--threads N] [--steps N] [--data DIR] [--config configs/default.toml]``
+``python -m bench.bench_data [--users N] [--threads N] [--steps N] [--repeats N] [--data DIR] [--config FILE]``
 
 In one run, on the same files (the built-in sample generator's schema, written to a temporary folder unless
 ``--data`` names ORC files in the seed's schema):
@@ -8,11 +8,16 @@ In one run, on the same files (the built-in sample generator's schema, written t
 * **raw decode**: ``pyarrow.orc.ORCFile.read_stripe`` of the feature columns of every stripe, nothing else
   (the physical limit of this path), on 1 thread and on ``--threads`` threads;
 * **reader**: ``SequenceReader`` (validation, truncation, hashing, batching, KJT layout) at the config's
-  ``[data]`` settings, with ``read_threads`` 1 and ``--threads``;
+  ``[data]`` settings, decoding on ``read_threads`` 1 and ``--threads`` threads, and on ``read_workers`` 1
+  and ``--threads`` worker processes (each pass includes starting its workers; the forkserver they come
+  from is started once, by a warm-up pass);
 * **trainer**: forward + backward + AdamW step of the config's model (``Seq2SeqModel``, unsharded, CPU)
   on the reader's batches: the rate at which training consumes data.
 
-Tokens are real (non-padding) positions after truncation to ``seq_len``. Prints a table with the ratios.
+Tokens are real (non-padding) positions after truncation to ``seq_len``. Prints a table with the ratios; the
+reader rows compare with the raw decode at the same parallelism (threads or processes). ``CPU s`` is the CPU
+time the fastest pass used on all threads, plus its decode worker processes (Linux): where all cores are
+busy, rows/s cannot exceed rows per CPU second times the cores, whatever the threads or processes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Rate:
     rows: int
     tokens: int
     seconds: float
+    cpu: float = 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -53,10 +59,39 @@ class Rate:
         return self.tokens / self.seconds
 
 
-def _timed(fn) -> tuple[float, object]:
-    started = time.perf_counter()
+def _forkserver_children_cpu() -> float:
+    """CPU seconds of the exited children of this process's forkserver: the reader's decode workers.
+
+    Linux only (``/proc``), 0 elsewhere. A worker counts once it has exited and been reaped, which the end of
+    a reader pass waits for.
+    """
+    if not os.path.isdir("/proc"):
+        return 0.0
+    total, parent = 0.0, str(os.getpid())
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            if fields[1] != parent:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"multiprocessing.forkserver" not in cmdline.read():
+                    continue
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime + cstime
+    return total
+
+
+def _cpu() -> float:
+    return time.process_time() + _forkserver_children_cpu()
+
+
+def _timed(fn) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds, result) of ``fn()``."""
+    cpu, started = _cpu(), time.perf_counter()
     result = fn()
-    return time.perf_counter() - started, result
+    return time.perf_counter() - started, _cpu() - cpu, result
 
 
 def raw_decode(files: list[str], columns: list[str], threads: int, tokens: int) -> Rate:
@@ -71,12 +106,12 @@ def raw_decode(files: list[str], columns: list[str], threads: int, tokens: int) 
         with ThreadPoolExecutor(threads) as pool:
             return sum(pool.map(read, stripes))
 
-    seconds, rows = _timed(run)
-    return Rate(f"pyarrow raw ORC decode, {threads} thread{'s' * (threads > 1)}", int(rows), tokens, seconds)
+    seconds, cpu, rows = _timed(run)
+    return Rate(f"pyarrow raw ORC decode, {threads} thread{'s' * (threads > 1)}", int(rows), tokens, seconds, cpu)
 
 
-def reader_rate(cfg: DataConfig, threads: int) -> Rate:
-    cfg = dataclasses.replace(cfg, read_threads=threads, drop_remainder=False)
+def reader_rate(cfg: DataConfig, threads: int, workers: int = 0) -> Rate:
+    cfg = dataclasses.replace(cfg, read_threads=threads, read_workers=workers, drop_remainder=False)
 
     def run() -> tuple[int, int]:
         rows = tokens = 0
@@ -85,8 +120,9 @@ def reader_rate(cfg: DataConfig, threads: int) -> Rate:
             tokens += int(batch.seq_lengths.sum())
         return rows, tokens
 
-    seconds, (rows, tokens) = _timed(run)
-    return Rate(f"SequenceReader -> KJT batches, read_threads {threads}", rows, tokens, seconds)
+    seconds, cpu, (rows, tokens) = _timed(run)
+    how = f"read_workers {workers}" if workers else f"read_threads {threads}"
+    return Rate(f"SequenceReader -> KJT batches, {how}", rows, tokens, seconds, cpu)
 
 
 def trainer_rate(config_path: str, data_cfg: DataConfig, steps: int) -> Rate:
@@ -104,13 +140,10 @@ def trainer_rate(config_path: str, data_cfg: DataConfig, steps: int) -> Rate:
 
     for batch in batches[:2]:  # warm-up: allocator, lazy init
         step(batch)
-    started = time.perf_counter()
-    for batch in batches[2:]:
-        step(batch)
-    seconds = time.perf_counter() - started
+    seconds, cpu, _ = _timed(lambda: [step(batch) for batch in batches[2:]])
     rows = sum(b.batch_size for b in batches[2:])
     tokens = sum(int(b.seq_lengths.sum()) for b in batches[2:])
-    return Rate(f"trainer step (fwd+bwd+AdamW, {config_path}, CPU)", rows, tokens, seconds)
+    return Rate(f"trainer step (fwd+bwd+AdamW, {config_path}, CPU)", rows, tokens, seconds, cpu)
 
 
 def _data(args: argparse.Namespace, tmp: Path) -> Path:
@@ -123,14 +156,17 @@ def _data(args: argparse.Namespace, tmp: Path) -> Path:
 
 def _table(rates: list[Rate], raw: dict[int, Rate], trainer: Rate) -> str:
     lines = [
-        "| path | rows/s | tokens/s | vs raw decode (same threads) | vs trainer |",
-        "|---|---:|---:|---:|---:|",
+        "| path | rows/s | tokens/s | vs raw decode (same parallelism) | vs trainer | CPU s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for rate in rates:
-        threads = int(rate.name.rsplit(" ", 1)[-1]) if "read_threads" in rate.name else None
-        vs_raw = f"{rate.tokens_per_s / raw[threads].tokens_per_s:.0%}" if threads in raw else ""
+        parallel = int(rate.name.rsplit(" ", 1)[-1]) if "SequenceReader" in rate.name else None
+        vs_raw = f"{rate.tokens_per_s / raw[parallel].tokens_per_s:.0%}" if parallel in raw else ""
         vs_trainer = f"{rate.tokens_per_s / trainer.tokens_per_s:.1f}x" if rate is not trainer else "1x"
-        lines.append(f"| {rate.name} | {rate.rows_per_s:,.0f} | {rate.tokens_per_s:,.0f} | {vs_raw} | {vs_trainer} |")
+        lines.append(
+            f"| {rate.name} | {rate.rows_per_s:,.0f} | {rate.tokens_per_s:,.0f} | {vs_raw} | {vs_trainer} "
+            f"| {rate.cpu:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -139,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/default.toml", help="job config: [data] settings and model")
     parser.add_argument("--users", type=int, default=100_000, help="users of generated sample data")
     parser.add_argument("--data", help="read these ORC files instead of generating sample data")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the threaded runs")
+    parser.add_argument("--threads", type=int, default=2, help="threads / worker processes of the parallel runs")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of data measurements (fastest counts)")
     args = parser.parse_args(argv)
@@ -151,23 +187,34 @@ def main(argv: list[str] | None = None) -> None:
         files = [path for path, _ in SequenceReader(cfg).files]
         columns = [f.name for f in cfg.features]
         tokens = reader_rate(cfg, 1).tokens  # also warms the page cache
+        reader_rate(cfg, 1, workers=1)  # starts the forkserver (once per process, seconds: it imports torch)
+        parallelism = sorted({1, args.threads})
         best: dict[str, Rate] = {}
-        # Rounds interleave all four measurements and the fastest run of each counts: on a shared machine
-        # the load changes during the run, and the minimum time is the least disturbed one.
+        # Rounds interleave all measurements and the fastest run of each counts: on a shared machine the
+        # load changes during the run, and the minimum time is the least disturbed one.
         for _ in range(args.repeats):
-            for threads in (1, args.threads):
-                for rate in (raw_decode(files, columns, threads, tokens), reader_rate(cfg, threads)):
+            for n in parallelism:
+                for measure in (
+                    lambda: raw_decode(files, columns, n, tokens),
+                    lambda: reader_rate(cfg, n),
+                    lambda: reader_rate(cfg, 1, workers=n),
+                ):
+                    rate = measure()
                     if rate.name not in best or rate.seconds < best[rate.name].seconds:
                         best[rate.name] = rate
         rates = list(best.values())
-        raw = {1: rates[0], args.threads: rates[2]}
-        readers = [rates[1], rates[3]]
+        raw = {n: rates[3 * i] for i, n in enumerate(parallelism)}
+        # Threads first, then processes, each by parallelism.
+        readers = sorted(
+            (r for r in rates if "SequenceReader" in r.name),
+            key=lambda r: ("workers" in r.name, int(r.name.rsplit(" ", 1)[-1])),
+        )
         trainer = trainer_rate(args.config, cfg, args.steps)
     rows = readers[0].rows
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print(f"data: {rows:,} users, {tokens:,} tokens (seq_len {cfg.seq_len}), {len(files)} ORC files; "
           f"batch {cfg.batch_size}; torch threads {torch.get_num_threads()}")
-    print(_table([raw[1], raw[args.threads], *readers, trainer], raw, trainer))
+    print(_table([*raw.values(), *readers, trainer], raw, trainer))
 
 
 if __name__ == "__main__":

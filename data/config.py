@@ -72,6 +72,12 @@ class DataConfig:
     batch_size: int = 16
     # Threads that decode files and build batches off the training thread.
     read_threads: int = 2
+    # Worker processes that decode instead of the read_threads (read, validate, truncate, hash one stripe /
+    # row group at a time); 0 = decode on threads of the training process. Processes scale with cores where
+    # threads stop: the per-unit Python glue holds the GIL. Batches, order, sharding and resume are the same
+    # either way. Workers come from a forkserver (POSIX) and open the files themselves, so the data must be
+    # reachable from another process (not an in-memory fsspec filesystem).
+    read_workers: int = 0
     # Batches buffered ahead of the training step.
     prefetch: int = 4
     drop_remainder: bool = True

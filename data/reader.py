@@ -6,8 +6,9 @@ The pipeline has four stages, each a plain function or method so that one can ch
    ``data.fs``) into an ordered list of ``ReadUnit`` (one ORC stripe or Parquet row group each), validating
    every file's schema up front; ``assign_units`` gives unit i to rank ``i % world_size`` (after a seeded
    per-epoch permutation when ``cfg.shuffle``).
-2. **decode** (``decode_unit``, runs in worker threads, one unit per task): read the feature columns of one
-   unit, check nulls, truncate to ``seq_len``, map values to ids, drop users without positions -> ``RowBlock``.
+2. **decode** (``decode_unit``, runs in worker threads, or worker processes with ``cfg.read_workers`` (see
+   ``data.workers``), one unit per task): read the feature columns of one unit, check nulls, truncate to
+   ``seq_len``, map values to ids, drop users without positions -> ``RowBlock``.
 3. **assemble** (``SequenceReader._batches``): group units into windows (permuted when a shuffle buffer is
    set), cut the ordered stream of rows into batches of ``batch_size`` users across unit boundaries, per
    epoch, and tag every batch with the ``Position`` after it (the resumable state).
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,9 @@ from data.batch import SequenceBatch
 from data.config import DataConfig, FeatureConfig
 from data.fs import Location, resolve
 from data.hashing import check_feature, check_leaf_type, is_supported_leaf, map_ids
+
+if TYPE_CHECKING:
+    from data.workers import DecodeProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -449,40 +453,44 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
         + (row_in_batch * max_lens[batch_of_row])[None, :]
     )
     flat_positions = positions.ravel()
-    bag_lengths = np.concatenate([f.bag_lengths for f in features])
+    # Cast while concatenating: a scatter that also converts int64 to int32 costs 4x one that does not.
+    bag_lengths = np.concatenate([f.bag_lengths for f in features], dtype=np.int32)
     slots = np.repeat(row_base.ravel() - _exclusive_cumsum(flat_positions)[:-1], flat_positions) + np.arange(
         len(bag_lengths), dtype=np.int64
     )
     lengths = np.zeros(int(bases[-1]), dtype=np.int32)
     lengths[slots] = bag_lengths
 
-    # Target ids: batch j's [n_j, T_j] grid occupies [item_bases[j], item_bases[j+1]).
+    # Target ids: batch j's [n_j, T_j] grid occupies [item_bases[j], item_bases[j+1]); row r's positions start
+    # at item_row[r] in it.
     item = features[item_index]
     item_bases = _exclusive_cumsum(strides)
-    first = sum(len(f.bag_lengths) for f in features[:item_index])
-    batch_of_position = np.repeat(batch_of_row, item.positions)
-    item_slots = (
-        slots[first : first + len(item.bag_lengths)]
-        - bases[:-1][batch_of_position]
-        - item_index * strides[batch_of_position]
-        + item_bases[:-1][batch_of_position]
-    )
-    filled = item.bag_lengths > 0
+    item_row = item_bases[:-1][batch_of_row] + row_in_batch * max_lens[batch_of_row]
+    item_slots = np.repeat(item_row - item.pos_offsets[:-1], item.positions)
+    item_slots += np.arange(len(item.bag_lengths), dtype=np.int64)
     item_ids = np.full(int(item_bases[-1]), -1, dtype=np.int64)
-    item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
+    if len(item.values) == len(item.bag_lengths) and item.bag_lengths.min(initial=1) == 1:
+        item_ids[item_slots] = item.values  # one value per position (list<T>, single ids): no gather needed
+    else:
+        filled = item.bag_lengths > 0
+        item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
 
-    row_bounds = np.append(starts, num_rows)
-    value_bounds = [f.bag_offsets[f.pos_offsets[row_bounds]] for f in features]
+    # Python ints: the loop below runs per batch, and numpy scalars make every slice and call there slower.
+    row_bounds = np.append(starts, num_rows).tolist()
+    value_bounds = [f.bag_offsets[f.pos_offsets[row_bounds]].tolist() for f in features]
+    values_of = [f.values for f in features]
+    sizes, max_lens, strides = sizes.tolist(), max_lens.tolist(), strides.tolist()
+    bases, item_bases = bases.tolist(), item_bases.tolist()
     batches = []
-    for j in range(len(starts)):
-        values = np.concatenate([f.values[b[j] : b[j + 1]] for f, b in zip(features, value_bounds)])
+    for j in range(len(sizes)):
+        values = np.concatenate([v[b[j] : b[j + 1]] for v, b in zip(values_of, value_bounds)])
         kjt = KeyedJaggedTensor(
             keys=keys,
             values=torch.from_numpy(values.astype(np.int64, copy=False)),
             lengths=torch.from_numpy(lengths[bases[j] : bases[j + 1]]),
-            stride=int(strides[j]),
+            stride=strides[j],
         )
-        grid = item_ids[item_bases[j] : item_bases[j + 1]].reshape(int(sizes[j]), int(max_lens[j]))
+        grid = item_ids[item_bases[j] : item_bases[j + 1]].reshape(sizes[j], max_lens[j])
         batches.append(
             SequenceBatch(
                 sparse_features=kjt,
@@ -515,6 +523,25 @@ def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+class _ThreadDecoder:
+    """Decodes units on ``cfg.read_threads`` threads of this process (``read_workers = 0``).
+
+    Same interface as ``data.workers.DecodeProcesses``: ``submit(unit)`` returns a handle whose ``result()``
+    is the unit's ``RowBlock``; ``parallelism`` units decode at once.
+    """
+
+    def __init__(self, cfg: DataConfig, name: str) -> None:
+        self.cfg = cfg
+        self.parallelism = max(1, cfg.read_threads)
+        self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix=name)
+
+    def submit(self, unit: ReadUnit) -> Future[RowBlock]:
+        return self._pool.submit(decode_unit, unit, self.cfg)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -558,8 +585,9 @@ class SequenceReader:
     last ``iter()``: then it starts at the restored position. Decoding runs on ``cfg.read_threads`` worker
     threads (one unit per task, so every unit is decoded by exactly one thread) and batch building on one
     more thread; batches come out in the same order whatever the thread timing, and at most
-    ``cfg.prefetch`` of them wait in the queue. A worker's exception is re-raised in the consumer; closing
-    (or dropping) the iterator stops the threads.
+    ``cfg.prefetch`` of them wait in the queue. With ``cfg.read_workers`` > 0, worker processes decode
+    instead of the threads (``data.workers``), with the same units, order and batches. A worker's exception
+    is re-raised in the consumer; closing (or dropping) the iterator stops the threads and processes.
 
     Sharding: the units (ORC stripes / Parquet row groups) of all files, in file then stripe order, are
     dealt round-robin to ranks (unit i to rank ``i % world_size``); with ``cfg.shuffle`` the global unit
@@ -605,6 +633,8 @@ class SequenceReader:
             raise ValueError(f"truncate_side must be 'left' or 'right', not {cfg.truncate_side!r}")
         if cfg.empty_sequences not in ("skip", "error"):
             raise ValueError(f"empty_sequences must be 'skip' or 'error', not {cfg.empty_sequences!r}")
+        if cfg.read_workers < 0:
+            raise ValueError(f"read_workers must be >= 0 (0 = decode on the read_threads), not {cfg.read_workers}")
         if cfg.shuffle_buffer < 0 or cfg.shuffle_seed < 0:
             raise ValueError(
                 f"shuffle_buffer ({cfg.shuffle_buffer}) and shuffle_seed ({cfg.shuffle_seed}) must be >= 0"
@@ -622,10 +652,12 @@ class SequenceReader:
         formats = sorted({fmt for _, fmt in self.files})
         epochs = "forever" if self.epochs == 0 else str(self.epochs)
         shuffle = f"shuffle seed {cfg.shuffle_seed} buffer {cfg.shuffle_buffer}" if cfg.shuffle else "no shuffle"
+        threads = f"{max(1, cfg.read_threads)} threads"
+        decode = f"{cfg.read_workers} decode processes" if cfg.read_workers else threads
         return (
             f"reader rank {self.rank}/{self.world_size}: {len(self.files)} {'+'.join(formats)} files, "
             f"{len(self.all_units)} units, {len(self.units)} for this rank; batch {cfg.batch_size}, "
-            f"seq_len {cfg.seq_len} (truncate {cfg.truncate_side}), {max(1, cfg.read_threads)} threads, "
+            f"seq_len {cfg.seq_len} (truncate {cfg.truncate_side}), {decode}, "
             f"prefetch {max(1, cfg.prefetch)}, epochs {epochs}, {shuffle}"
         )
 
@@ -734,8 +766,9 @@ class SequenceReader:
             producer.join(timeout=10)
 
     def _produce(self, out: queue.Queue, stop: threading.Event, start: Position) -> None:
-        pool = ThreadPoolExecutor(max(1, self.cfg.read_threads), thread_name_prefix=f"SequenceReader-r{self.rank}-dec")
+        pool: _ThreadDecoder | DecodeProcesses | None = None
         try:
+            pool = self._decoder(stop)
             for item in self._batches(pool, stop, start):
                 if not _put(out, item, stop):
                     return
@@ -743,7 +776,17 @@ class SequenceReader:
         except BaseException as exc:  # noqa: BLE001 - everything must reach the consumer
             _put(out, _Failure(exc), stop)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown()
+
+    def _decoder(self, stop: threading.Event) -> _ThreadDecoder | DecodeProcesses:
+        name = f"SequenceReader-r{self.rank}-dec"
+        if self.cfg.read_workers > 0:
+            # Imported here, not at the top: data.workers imports this module (and only processes need it).
+            from data.workers import DecodeProcesses
+
+            return DecodeProcesses(self.cfg, self.cfg.read_workers, name, stop)
+        return _ThreadDecoder(self.cfg, name)
 
     def epoch_units(self, epoch: int) -> list[ReadUnit]:
         """This rank's units in the order it reads them in ``epoch``."""
@@ -761,22 +804,24 @@ class SequenceReader:
                 yield epoch, index, units[index]
 
     def _decoded(
-        self, pool: ThreadPoolExecutor, stop: threading.Event, start: Position
+        self, pool: _ThreadDecoder | DecodeProcesses, stop: threading.Event, start: Position
     ) -> Iterator[tuple[int, int, RowBlock]]:
         """Decoded units in schedule order, with a bounded window of decodes running ahead."""
         schedule = self._schedule(start)
-        window = 2 * max(1, self.cfg.read_threads)
-        inflight: deque[tuple[int, int, Future[RowBlock]]] = deque()
+        window = 2 * pool.parallelism
+        inflight: deque[tuple[int, int, Any]] = deque()  # (epoch, index, handle with .result() -> RowBlock)
         for epoch, index, unit in itertools.islice(schedule, window):
-            inflight.append((epoch, index, pool.submit(decode_unit, unit, self.cfg)))
+            inflight.append((epoch, index, pool.submit(unit)))
         while inflight and not stop.is_set():
             epoch, index, future = inflight.popleft()
             block = future.result()  # re-raises the worker's exception here
             for next_epoch, next_index, unit in itertools.islice(schedule, 1):
-                inflight.append((next_epoch, next_index, pool.submit(decode_unit, unit, self.cfg)))
+                inflight.append((next_epoch, next_index, pool.submit(unit)))
             yield epoch, index, block
 
-    def _windows(self, pool: ThreadPoolExecutor, stop: threading.Event, start: Position) -> Iterator[_Window]:
+    def _windows(
+        self, pool: _ThreadDecoder | DecodeProcesses, stop: threading.Event, start: Position
+    ) -> Iterator[_Window]:
         """Units grouped into delivery windows (see ``Position``), shuffled within when configured."""
         cfg = self.cfg
         gather = cfg.shuffle and cfg.shuffle_buffer > 0
@@ -824,7 +869,7 @@ class SequenceReader:
         return parts[0] if len(parts) == 1 else RowBlock.concat(parts)
 
     def _batches(
-        self, pool: ThreadPoolExecutor, stop: threading.Event, start: Position
+        self, pool: _ThreadDecoder | DecodeProcesses, stop: threading.Event, start: Position
     ) -> Iterator[tuple[SequenceBatch, Position]]:
         """(batch, position after it) in order; the position becomes the state once the batch is consumed."""
         size = self.cfg.batch_size
@@ -850,9 +895,12 @@ class SequenceReader:
                 pending.append(window)
             available = sum(w.remaining for w in pending)
             while available >= size:
-                # Build all full batches at hand in one pass (see build_batches); each carries the position
-                # after it, worked out before the rows are taken.
-                count = min(available // size, _GROUP_BATCHES)
+                # Build the full batches of the oldest window in one pass (see build_batches): its rows are a
+                # view. A batch that straddles windows is built alone, so that only its own rows are copied
+                # together, not the next window's. Each batch carries the position after it, worked out before
+                # the rows are taken.
+                head = pending[0].remaining
+                count = min(head // size, _GROUP_BATCHES) if head >= size else 1
                 after = [self._position_at(pending, window, (i + 1) * size) for i in range(count)]
                 block = self._take(pending, count * size)
                 emitted += count

@@ -71,6 +71,7 @@ def test_overrides_are_typed_and_applied(tmp_path: Path) -> None:
         ("--model.nhead=3", "model.nhead"),
         ("--model.emb_size=100", "model.emb_size"),
         ("--data.batch_size=0", "data.batch_size"),
+        ("--data.read_workers=-1", "data.read_workers"),
         ("--data.item_feature=nope", "data.item_feature"),
         ("--data.data_paths=", "data.data_paths"),
         ("--data.features.0.emb_dim=16", "emb_dim"),

@@ -251,6 +251,8 @@ def validate(cfg: JobConfig) -> None:
             "train.collective_timeout_s": t.collective_timeout_s,
         }
     )
+    if d.read_workers < 0:
+        raise ConfigError(f"data.read_workers must be >= 0 (0 = decode on the read_threads), got {d.read_workers}")
     if d.seq_len < 2:
         raise ConfigError("data.seq_len: next-item training needs at least 2 positions")
     if not d.paths():
