@@ -35,17 +35,20 @@ class Seq2SeqDecoder(nn.Module):
         self.proj = nn.Linear(cfg.emb_size, cfg.hidden_size)
         self.transformer = CausalTransformer(cfg)
 
-    def encode(self, embeddings: torch.Tensor, batch_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (hidden states, target representations), both ``[B, T, hidden_size]``."""
+    def encode(
+        self, embeddings: torch.Tensor, batch_shape: torch.Size, seq_lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (hidden states, target representations), both ``[B, T, hidden_size]``; with ``seq_lengths``
+        the transformer skips the padding (see ``CausalTransformer.forward``)."""
         x = embeddings.view(*batch_shape, -1)
         # bf16 autocast as in the seed, on CUDA only (CPU bf16 matmuls are slower than fp32 on most hosts).
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and x.is_cuda):
             targets = self.proj(x)
-            hidden = self.transformer(targets)
+            hidden = self.transformer(targets, seq_lengths)
         return hidden, targets
 
     def forward(self, embeddings: torch.Tensor, seq_lengths: torch.Tensor, item_ids: torch.Tensor) -> Seq2SeqOutput:
-        hidden, targets = self.encode(embeddings, item_ids.shape)
+        hidden, targets = self.encode(embeddings, item_ids.shape, seq_lengths)
         out = next_item_contrastive_loss(
             hidden, targets, seq_lengths, item_ids, self.cfg.temperature, self.cfg.mask_same_item
         )
