@@ -378,7 +378,11 @@ class BaselinePath:
 
     name = "baseline"
 
-    def __init__(self, shape: Shape, batches: list[SequenceBatch]) -> None:
+    def __init__(self, shape: Shape, batches: list[SequenceBatch], malloc_tuned: bool = False) -> None:
+        if malloc_tuned:  # the trainer's process setting (trainer/host.py), to tell its share of the gap
+            from trainer.host import keep_freed_buffers_mapped
+
+            keep_freed_buffers_mapped()
         torch.manual_seed(shape.seed)
         self.device = torch.device(shape.device)
         self.model = PlainSeq2Seq(shape, self.device)
@@ -452,9 +456,10 @@ def _worker(path_name: str, shape: Shape, warmup: int, conn: Connection) -> None
     flops = [useful_flops(shape, b) for b in batches]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        path: TrainerPath | BaselinePath = (
-            TrainerPath(shape, batches, tmp) if path_name == "trainer" else BaselinePath(shape, batches)
-        )
+        if path_name == "trainer":
+            path: TrainerPath | BaselinePath = TrainerPath(shape, batches, tmp)
+        else:
+            path = BaselinePath(shape, batches, malloc_tuned=path_name == "baseline-malloc")
         build_s = time.perf_counter() - started
         done, losses = 0, []
         for _ in range(warmup):
@@ -467,14 +472,14 @@ def _worker(path_name: str, shape: Shape, warmup: int, conn: Connection) -> None
             if command == "run":
                 first = done
                 _sync(device)
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 losses = [path.step() for _ in range(arg)]
                 _sync(device)
-                seconds = time.perf_counter() - started
+                seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
                 done += arg
                 picked = [i % len(batches) for i in range(first, done)]
                 conn.send({
-                    "seconds": seconds, "tokens": sum(tokens[i] for i in picked),
+                    "seconds": seconds, "cpu_s": cpu_s, "tokens": sum(tokens[i] for i in picked),
                     "flops": sum(flops[i] for i in picked), "losses": [float(x) for x in losses],
                 })  # fmt: skip
             elif command == "profile":
@@ -622,7 +627,11 @@ def _device_name(device: str) -> str:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shape]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--paths", default="trainer,baseline", help="comma-separated: trainer, baseline")
+    parser.add_argument(
+        "--paths",
+        default="trainer,baseline",
+        help="comma-separated: trainer, baseline, baseline-malloc (the baseline with the trainer's malloc setting)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per path (fastest kept)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after building")
