@@ -18,7 +18,9 @@ In one invocation, on identical synthetic batches (``SequenceBatch``, sequence l
   this file on purpose, so that it stays the fixed yardstick while the project's modules change.
 
 Each path runs in its own subprocess (so that its peak memory is its own); the parent interleaves rounds of
-``--steps`` steps on the two and keeps each path's fastest round (the machine may be shared).
+``--steps`` steps on the paths and keeps each path's fastest round (the machine may be shared).
+``--paths trainer,baseline,baseline-malloc`` adds the baseline with the trainer's host allocator setting
+(``trainer/host.py``), to tell how much of the gap that setting alone makes.
 
 **FLOPs.** Only useful work counts (real tokens, causal half of attention), so the achieved FLOP/s of the two
 paths compare like their tokens/s and padding is never credited. Per step, with ``P = E*H + L*(4*H^2 +
@@ -354,21 +356,23 @@ class PlainSeq2Seq(nn.Module):
         self.dense = PlainDecoder(model_config(shape)).to(device)
         self.cfg = cfg
 
-    def embed(self, batch: SequenceBatch) -> torch.Tensor:
+    def embed(self, batch: SequenceBatch, values_per_feature: list[int]) -> torch.Tensor:
+        """``values_per_feature``: the batch's value count of each feature, known on the host (no device sync)."""
         kjt = batch.sparse_features
         num_bags = batch.item_ids.numel()
         lengths = kjt.lengths().view(len(FEATURES), num_bags).long()
-        per_feature = kjt.values().split(lengths.sum(dim=1).tolist())
+        per_feature = kjt.values().split(values_per_feature)
         bag = torch.arange(num_bags, device=lengths.device)
         pooled = []
         for name, values, n in zip(FEATURES, per_feature, lengths, strict=True):
             rows = self.embeddings[name](values)
-            summed = rows.new_zeros(num_bags, rows.shape[-1]).index_add_(0, bag.repeat_interleave(n), rows)
+            bag_of_row = bag.repeat_interleave(n, output_size=values.numel())
+            summed = rows.new_zeros(num_bags, rows.shape[-1]).index_add_(0, bag_of_row, rows)
             pooled.append(summed / n.clamp(min=1).unsqueeze(-1).to(rows.dtype))
         return torch.cat(pooled, dim=-1)
 
-    def forward(self, batch: SequenceBatch) -> torch.Tensor:
-        x = self.embed(batch).view(*batch.item_ids.shape, -1)
+    def forward(self, batch: SequenceBatch, values_per_feature: list[int]) -> torch.Tensor:
+        x = self.embed(batch, values_per_feature).view(*batch.item_ids.shape, -1)
         hidden, targets = self.dense(x)
         return plain_contrastive_loss(hidden, targets, batch.seq_lengths, batch.item_ids, self.cfg)
 
@@ -398,13 +402,16 @@ class BaselinePath:
         )  # fmt: skip
         # Pinned host batches copied per step, as the trainer's pipeline does (a no-op on CPU).
         pinned = self.device.type == "cuda"
-        self._batches = itertools.cycle([b.pin_memory() if pinned else b for b in batches])
+        self._batches = itertools.cycle(
+            [(b.pin_memory() if pinned else b, _values_per_feature(b)) for b in batches]
+        )
 
     def step(self) -> torch.Tensor:
-        batch = next(self._batches).to(self.device, non_blocking=True)
+        host_batch, values_per_feature = next(self._batches)
+        batch = host_batch.to(self.device, non_blocking=True)
         self.sparse.zero_grad(set_to_none=True)
         self.dense.zero_grad(set_to_none=True)
-        loss = self.model(batch)
+        loss = self.model(batch, values_per_feature)
         loss.backward()
         self.sparse.step()
         self.dense.step()
@@ -412,6 +419,11 @@ class BaselinePath:
 
     def close(self) -> None:
         pass
+
+
+def _values_per_feature(batch: SequenceBatch) -> list[int]:
+    lengths = batch.sparse_features.lengths().view(len(FEATURES), -1)
+    return lengths.sum(dim=1).tolist()
 
 
 def copy_trainer_weights(trainer: TrainerPath, baseline: BaselinePath) -> None:
@@ -575,20 +587,22 @@ class Result:
         return self.flops / self.seconds
 
 
-def _table(results: dict[str, Result], peaks: dict[str, float], device: str) -> str:
+def _table(results: dict[str, Result], peaks: dict[str, float], device: str, spec_bf16: float) -> str:
     base = results.get("baseline")
     mem_key = "cuda_gib" if device == "cuda" else "rss_gib"
     mem_label = "peak CUDA mem GiB" if device == "cuda" else "peak RSS GiB"
+    spec = f" MFU vs {spec_bf16:g} TFLOP/s bf16 spec |" if spec_bf16 else ""
     lines = [
-        f"| path | ms/step | tokens/s | vs baseline | dense TFLOP/s | % fp32 mm peak | % bf16 mm peak | {mem_label} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| path | ms/step | tokens/s | vs baseline | dense TFLOP/s | % fp32 mm peak | % bf16 mm peak |{spec} {mem_label} |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 if spec else 1),
     ]
     for r in results.values():
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
+        mfu = f" {r.flops_per_s / (spec_bf16 * 1e12):.1%} |" if spec_bf16 else ""
         lines.append(
             f"| {r.name} | {1000 * r.seconds / r.steps:,.0f} | {r.tokens_per_s:,.0f} | {ratio} | "
-            f"{r.flops_per_s / 1e12:.3f} | {r.flops_per_s / peaks['fp32']:.1%} | {r.flops_per_s / peaks['bf16']:.1%} | "
-            f"{r.memory.get(mem_key, float('nan')):.2f} |"
+            f"{r.flops_per_s / 1e12:.3f} | {r.flops_per_s / peaks['fp32']:.1%} | {r.flops_per_s / peaks['bf16']:.1%} |"
+            f"{mfu} {r.memory.get(mem_key, float('nan')):.2f} |"
         )
     return "\n".join(lines)
 
@@ -633,10 +647,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shape]:
         help="comma-separated: trainer, baseline, baseline-malloc (the baseline with the trainer's malloc setting)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per path (fastest kept)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="timed steps per round (a multiple of --num-batches: same work each round)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after building")
     parser.add_argument("--mm-size", type=int, default=0, help="matmul size of the peak measurement (0: 4096 CPU, 8192 CUDA)")
     parser.add_argument("--profile", type=int, default=0, help="also profile N steps of each path (torch.profiler)")
+    parser.add_argument(
+        "--spec-bf16-tflops", type=float, default=0.0, help="the device's dense bf16 spec peak: adds an MFU column"
+    )
     defaults = Shape()
     for field in dataclasses.fields(Shape):
         if field.name == "device":
@@ -670,8 +689,9 @@ def main(argv: list[str] | None = None) -> None:
                 r = w.call("run", args.steps)
                 print(f"round {round_index + 1}/{args.rounds} {w.name}: {1000 * r['seconds'] / args.steps:,.0f} ms/step, "
                       f"loss {r['losses'][-1]:.4f}", file=sys.stderr, flush=True)
-                if w.name not in results or r["seconds"] < results[w.name].seconds:
-                    results[w.name] = Result(w.name, r["seconds"], r["tokens"], r["flops"], args.steps, w.ready["build_s"])
+                result = Result(w.name, r["seconds"], r["tokens"], r["flops"], args.steps, w.ready["build_s"])
+                if w.name not in results or result.tokens_per_s > results[w.name].tokens_per_s:
+                    results[w.name] = result
                 if not all(math.isfinite(x) for x in r["losses"]):
                     raise RuntimeError(f"{w.name}: non-finite loss {r['losses']}")
         profiles = {w.name: w.call("profile", args.profile) for w in workers} if args.profile else {}
@@ -686,7 +706,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n=== profile: {name}, {args.profile} steps ===\n{text}")
     print(_describe(shape, synthetic_batches(shape), peaks, args))
     print("build s: " + ", ".join(f"{r.name} {r.build_s:.1f}" for r in results.values()))
-    print(_table(results, peaks, shape.device))
+    print(_table(results, peaks, shape.device, args.spec_bf16_tflops))
     if "trainer" in results and "baseline" in results:
         print(f"trainer / baseline tokens/s: {results['trainer'].tokens_per_s / results['baseline'].tokens_per_s:.2f}x")
 
