@@ -114,7 +114,7 @@ class Seq2SeqDecoder(nn.Module):
         self, embeddings: torch.Tensor, batch_shape: torch.Size, seq_lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (hidden states, target representations), both ``[B, T, hidden_size]``. ``seq_lengths``
-        is needed with position embeddings."""
+        is needed with position embeddings, and lets the transformer skip the padding."""
         x = embeddings[:, : self.layout.input_width].reshape(*batch_shape, -1)
         with self._autocast(x):
             projected = self.proj(x)
@@ -123,7 +123,9 @@ class Seq2SeqDecoder(nn.Module):
                 if seq_lengths is None:
                     raise ValueError("model.max_positions > 0: encode() needs the sequence lengths")
                 inputs = projected + self.position(seq_lengths, x.shape[1])
-            hidden = self.transformer(inputs)
+            # With the lengths the transformer computes real positions only (CPU); the seed's padded loss
+            # (ablation) reads the padding's outputs, so it gets the padded grid.
+            hidden = self.transformer(inputs, None if "padding" in self._bugs else seq_lengths)
             if self.layout.targets_are_inputs:
                 # Targets are items, not items at a position: no position embedding.
                 targets = projected

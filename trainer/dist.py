@@ -11,6 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.host import keep_freed_buffers_mapped
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,6 +56,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
         backend = "nccl"
     else:
         torch_device, backend = torch.device("cpu"), "gloo"
+        # Training on the host: keep large activation buffers mapped between steps (see trainer/host.py).
+        keep_freed_buffers_mapped()
 
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
