@@ -55,3 +55,18 @@ def test_packed_sequences_round_trip_and_groups() -> None:
         (2, 2, [5, 0, 1], [0, 2, 3]),
         (1, 3, [2, 3, 4], [0, 1, 2]),
     ]
+
+
+def test_cpu_dropout_keeps_one_minus_p_and_rescales() -> None:
+    torch.manual_seed(0)
+    dropout = transformer.Dropout(0.25).train()
+    x = torch.ones(400, 500, requires_grad=True)
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.double().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient goes through the same scaled mask
+    torch.manual_seed(0)
+    assert torch.equal(transformer.Dropout(0.25).train()(x), out)  # seeded: the same mask again
+    assert torch.equal(dropout.eval()(x), x)
