@@ -77,28 +77,48 @@ def murmurhash64a_strings(strings: pa.Array, seed: int = 0) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     starts, lengths, data = string_buffers(strings)
     words = ByteWindows(data).w64
-    # uint64 array arithmetic wraps modulo 2**64, which is exactly the hash's arithmetic.
+    # uint64 array arithmetic wraps modulo 2**64, which is exactly the hash's arithmetic. In-place ops and one
+    # scratch array: at a stripe's size the hash is bound by the number of numpy passes and allocations.
     with np.errstate(over="ignore"):
-        h = np.uint64(seed) ^ (lengths.astype(np.uint64) * _M_U64)
-        nblocks = lengths // 8
+        h = lengths.astype(np.uint64)
+        h *= _M_U64
+        h ^= np.uint64(seed)
+        scratch = np.empty(n, dtype=np.uint64)
+        nblocks = lengths >> 3
         fewest = int(nblocks.min())
+        pos = starts.copy()  # next block of every string
         for block in range(int(nblocks.max())):
-            active = slice(None) if block < fewest else nblocks > block
-            k = words[starts[active] + 8 * block].astype(np.uint64)
+            active = None if block < fewest else nblocks > block
+            k = words[pos] if active is None else words[pos[active]]
             k *= _M_U64
             k ^= k >> _R_U64
             k *= _M_U64
-            h[active] ^= k
-            h[active] *= _M_U64
-        rem = (lengths - 8 * nblocks).astype(np.uint64)
-        # The reference XORs the 1..7 tail bytes in little-endian order: one masked 8-byte load.
-        tail = words[starts + 8 * nblocks] & ((np.uint64(1) << (rem * np.uint64(8))) - np.uint64(1))
-        has_tail = slice(None) if rem.min() > 0 else rem > 0
-        h[has_tail] ^= tail[has_tail]
-        h[has_tail] *= _M_U64
-        h ^= h >> _R_U64
+            if active is None:
+                h ^= k
+                h *= _M_U64
+                pos += 8
+            else:
+                h[active] = (h[active] ^ k) * _M_U64
+                pos[active] += 8
+        rem = lengths & 7
+        low, high = int(rem.min()), int(rem.max())
+        if high:
+            # The reference XORs the 1..7 tail bytes in little-endian order: one masked 8-byte load.
+            tail = words[pos]
+            if low == high:  # e.g. fixed-width ids or timestamps: one scalar mask
+                tail &= np.uint64((1 << (8 * low)) - 1)
+                h ^= tail
+                h *= _M_U64
+            else:
+                tail &= (np.uint64(1) << (rem.astype(np.uint64) << np.uint64(3))) - np.uint64(1)
+                h ^= tail  # 0 where there is no tail
+                has_tail = rem > 0
+                h[has_tail] *= _M_U64
+        np.right_shift(h, _R_U64, out=scratch)
+        h ^= scratch
         h *= _M_U64
-        h ^= h >> _R_U64
+        np.right_shift(h, _R_U64, out=scratch)
+        h ^= scratch
     return h
 
 
@@ -147,6 +167,17 @@ def _to_int64(values: pa.Array, where: str) -> np.ndarray:
     return ints.to_numpy(zero_copy_only=False)
 
 
+def _modulo(values: np.ndarray, bucket: int) -> np.ndarray:
+    """``values % bucket`` for non-negative (or unsigned) ids; a mask when ``bucket`` is a power of two.
+
+    Same result either way; 64-bit division is about ten times slower than an AND in numpy, and power-of-two
+    buckets are the usual choice.
+    """
+    if bucket & (bucket - 1) == 0:
+        return values & values.dtype.type(bucket - 1)
+    return values % values.dtype.type(bucket)
+
+
 def _map_plain_ints(values: pa.Array, feature: FeatureConfig, where: str) -> np.ndarray:
     ids = _to_int64(values, where)
     if ids.size == 0:
@@ -158,7 +189,7 @@ def _map_plain_ints(values: pa.Array, feature: FeatureConfig, where: str) -> np.
                 f"{where}: found id {lowest}; ids must be non-negative to be taken modulo "
                 f"hash_bucket_size {feature.hash_bucket_size} (or use hash_type = \"murmur\")"
             )
-        return ids % feature.hash_bucket_size
+        return _modulo(ids, feature.hash_bucket_size)
     bad = (ids < 0) | (ids >= feature.num_embeddings)
     if bad.any():
         value = int(ids[np.argmax(bad)])
@@ -196,7 +227,7 @@ def _map_hashed(values: pa.Array, feature: FeatureConfig) -> np.ndarray:
     else:
         hashes, indices = _hash(values, feature.hash_type), None
     if feature.hash_bucket_size > 0:
-        mapped = hashes % np.uint64(feature.hash_bucket_size)
+        mapped = _modulo(hashes, feature.hash_bucket_size)
     else:
         mapped = hashes & np.uint64(INT64_MAX)
     mapped = mapped.astype(np.int64)

@@ -92,6 +92,18 @@ def test_murmur_bucket_and_bucket_zero() -> None:
     assert (unbounded >= 0).all()
 
 
+@pytest.mark.parametrize("bucket", [1, 16, 4096, 2_048_000, 1 << 40, 1000])
+def test_bucket_is_modulo_for_powers_of_two_and_others(bucket: int) -> None:
+    # Power-of-two buckets take a mask instead of a division: the same ids either way.
+    values = pa.array([f"{i:010d}" for i in range(0, 10**9, 7_777_777)] + ["pv", "cart", ""])
+    raw = [murmurhash64a(v.encode()) for v in values.to_pylist()]
+    got = map_ids(values, FeatureConfig("t", hash_type="murmur", hash_bucket_size=bucket))
+    assert got.tolist() == [h % bucket for h in raw]
+    ints = pa.array([0, 1, 2**40 + 3, 2**62 + 5, 123_456_789], pa.int64())
+    plain = map_ids(ints, FeatureConfig("i", hash_bucket_size=bucket))
+    assert plain.tolist() == [v % bucket for v in ints.to_pylist()]
+
+
 def test_murmur_hashes_integers_by_decimal_string() -> None:
     feature = FeatureConfig("t", hash_type="murmur", hash_bucket_size=2048000)
     ints = map_ids(pa.array([1700000000, -5, 0], pa.int64()), feature)
