@@ -167,8 +167,8 @@ class CausalTransformer(nn.Module):
         real positions only (same values there; zeros at the padding, whose outputs nobody reads)."""
         if seq_lengths is not None and x.device.type == "cpu":
             # CPU only: packing needs the lengths on the host (a device sync on CUDA) and attention runs as one
-            # small kernel per user, cheap on a CPU but a launch-bound loop on a GPU, where the padded grid's
-            # single flash-attention call stays the better trade.
+            # small kernel per group of users, cheap on a CPU but a launch-bound loop on a GPU, where the padded
+            # grid's single flash-attention call stays the better trade.
             packed = PackedSequences(seq_lengths, x.shape[1])
             h = packed.pack(x)
             for layer in self.layers:

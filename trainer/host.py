@@ -19,7 +19,7 @@ _MMAP_THRESHOLD_BYTES = 256 << 20
 _TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-def keep_freed_buffers_mapped() -> bool:
+def keep_freed_buffers_mapped(mmap_threshold_bytes: int = _MMAP_THRESHOLD_BYTES) -> bool:
     """Let glibc reuse large freed tensor buffers instead of unmapping them after every step.
 
     glibc serves allocations above its mmap threshold (at most 32 MiB by default) with a fresh ``mmap`` and
@@ -28,8 +28,9 @@ def keep_freed_buffers_mapped() -> bool:
     their pages in again: about 60,000 page faults and a tenth of the CPU time per step of
     ``bench.bench_train``'s CPU shape. Served from the heap, and with the heap trimmed only beyond 1 GiB of
     free space, the next step reuses the same pages; the resident set stays at a step's need instead of
-    dropping between steps. Linux/glibc only; elsewhere (or if glibc refuses) nothing changes and False is
-    returned.
+    dropping between steps. The reader's decode worker processes call it too (``data.workers``): they
+    allocate and free the same arrays for every unit. Buffers above ``mmap_threshold_bytes`` stay mapped.
+    Linux/glibc only; elsewhere (or if glibc refuses) nothing changes and False is returned.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -38,7 +39,7 @@ def keep_freed_buffers_mapped() -> bool:
         mallopt = libc.mallopt  # glibc; musl has no mallopt
     except (OSError, AttributeError):
         return False
-    applied = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
     )
     if not applied:

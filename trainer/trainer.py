@@ -213,7 +213,6 @@ class Trainer:
         logger.info("finished after %d steps", self.step)
         return TrainResult(steps=self.step, history=metrics.history)
 
-
     def _pause_step(self, step: int, start: int) -> int | None:
         """Batches to pull in this run (which began at ``start``) before the pipeline must run empty: at the
         next evaluation and at the last step, so that evaluation never meets batches in flight. None when
