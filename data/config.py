@@ -78,7 +78,8 @@ class DataConfig:
     # either way. Workers come from a forkserver (POSIX) and open the files themselves, so the data must be
     # reachable from another process (not an in-memory fsspec filesystem).
     read_workers: int = 0
-    # Batches buffered ahead of the training step.
+    # Batches buffered ahead of the training step: the reader works ahead while fewer than this many wait.
+    # It hands them over per build pass (up to 64 batches at once), so up to prefetch - 1 + 64 may wait.
     prefetch: int = 4
     drop_remainder: bool = True
     # SEQ_LEN / ModelConfig.seq_len of the seed: positions kept per user.

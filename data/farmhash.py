@@ -167,12 +167,19 @@ _U = np.uint64
 _K0, _K1, _K2 = _U(K0), _U(K1), _U(K2)
 
 
-def string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start offset and byte length of every string, and the raw UTF-8 byte buffer they index."""
+def string_offsets(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The ``[n + 1]`` offsets (int32, or int64 for large_string) of a string array into its UTF-8 byte
+    buffer, and that buffer: string i is ``data[offsets[i]:offsets[i + 1]]``. Zero-copy views."""
     offset_type = np.int64 if pa.types.is_large_string(strings.type) else np.int32
     buffers = strings.buffers()
     offsets = np.frombuffer(buffers[1], dtype=offset_type)[strings.offset : strings.offset + len(strings) + 1]
     data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start offset and byte length of every string, and the raw UTF-8 byte buffer they index."""
+    offsets, data = string_offsets(strings)
     return offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64), data
 
 

@@ -13,8 +13,9 @@ RecIS semantics (``varlen_feature(name, hash_type, hash_bucket_size)``), see DES
   function TensorFlow's and BigQuery's ``FARM_FINGERPRINT`` use) over the UTF-8 bytes, then the same
   ``% bucket`` / ``& INT64_MAX`` as murmur. Integers hash through their decimal form, as for murmur.
 
-Everything here works on whole Arrow/numpy arrays: strings are hashed once per *distinct* value, and the
-hash itself runs as numpy ``uint64`` arithmetic over all strings at once, one step per 8-byte block.
+Everything here works on whole Arrow/numpy arrays, never a Python loop per value: the compiled kernels of
+``data.kernels`` hash and bucket every value in one pass; without numba, strings are hashed once per
+*distinct* value, as numpy ``uint64`` arithmetic over all strings at once, one step per 8-byte block.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.config import FeatureConfig
-from data.farmhash import ByteWindows, farm_fingerprint64_strings, string_buffers
+from data import kernels
+from data.farmhash import ByteWindows, farm_fingerprint64_strings, string_buffers, string_offsets
 
 INT64_MAX = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
@@ -179,25 +181,35 @@ def _modulo(values: np.ndarray, bucket: int) -> np.ndarray:
 
 
 def _map_plain_ints(values: pa.Array, feature: FeatureConfig, where: str) -> np.ndarray:
-    ids = _to_int64(values, where)
+    ids = values.to_numpy() if values.type == pa.int64() else _to_int64(values, where)
     if ids.size == 0:
         return ids.astype(np.int64)
+    if kernels.enabled():
+        mapped, bad = kernels.map_ints(ids, feature.hash_bucket_size, feature.num_embeddings)
+        if bad >= 0:
+            _raise_bad_id(int(ids[bad]), feature, where)
+        return mapped
     if feature.hash_bucket_size > 0:
         lowest = int(ids.min())
         if lowest < 0:
-            raise ValueError(
-                f"{where}: found id {lowest}; ids must be non-negative to be taken modulo "
-                f"hash_bucket_size {feature.hash_bucket_size} (or use hash_type = \"murmur\")"
-            )
+            _raise_bad_id(lowest, feature, where)
         return _modulo(ids, feature.hash_bucket_size)
     bad = (ids < 0) | (ids >= feature.num_embeddings)
     if bad.any():
-        value = int(ids[np.argmax(bad)])
-        raise ValueError(
-            f"{where}: id {value} is outside [0, {feature.num_embeddings}) (num_embeddings) and the feature "
-            "has no hash_bucket_size; set hash_bucket_size or a larger num_embeddings"
-        )
+        _raise_bad_id(int(ids[np.argmax(bad)]), feature, where)
     return ids
+
+
+def _raise_bad_id(value: int, feature: FeatureConfig, where: str) -> None:
+    if feature.hash_bucket_size > 0:
+        raise ValueError(
+            f"{where}: found id {value}; ids must be non-negative to be taken modulo "
+            f"hash_bucket_size {feature.hash_bucket_size} (or use hash_type = \"murmur\")"
+        )
+    raise ValueError(
+        f"{where}: id {value} is outside [0, {feature.num_embeddings}) (num_embeddings) and the feature "
+        "has no hash_bucket_size; set hash_bucket_size or a larger num_embeddings"
+    )
 
 
 # Distinct share of a sample above which hashing every value beats dictionary-encoding first (measured:
@@ -212,14 +224,21 @@ def _mostly_repeated(values: pa.Array) -> bool:
 
 
 def _hash(strings: pa.Array, hash_type: str) -> np.ndarray:
-    if pa.types.is_integer(strings.type):
-        strings = pc.cast(strings, pa.string())  # decimal form, see the module docstring
     return farm_fingerprint64_strings(strings) if hash_type == "farm" else murmurhash64a_strings(strings)
 
 
 def _map_hashed(values: pa.Array, feature: FeatureConfig) -> np.ndarray:
-    # Hash each distinct value once when values repeat a lot (behaviours, popular items); columns of mostly
-    # distinct values (timestamps) are hashed directly.
+    if pa.types.is_integer(values.type):
+        values = pc.cast(values, pa.string())  # decimal form, see the module docstring
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if kernels.enabled():
+        # Compiled: hashing a short string costs a few ns, less than looking it up in a dictionary, so every
+        # value is hashed, and bucketed, in the same pass.
+        offsets, data = string_offsets(values)
+        return kernels.hash_ids(data, offsets, feature.hash_type, feature.hash_bucket_size)
+    # numpy: hash each distinct value once when values repeat a lot (behaviours, popular items); columns of
+    # mostly distinct values (timestamps) are hashed directly.
     if _mostly_repeated(values):
         encoded = pc.dictionary_encode(values)
         hashes = _hash(encoded.dictionary, feature.hash_type)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from data import kernels
 from data.batch import SequenceBatch
 from data.config import DataConfig, FeatureConfig
 from data.fs import Location, resolve
@@ -372,6 +372,69 @@ def drop_tail(
     return np.maximum(positions - count, 0), *_keep_positions(keep, bag_lengths, leaves)
 
 
+def _too_long(where: str, row: int, positions: int, seq_len: int) -> ValueError:
+    return ValueError(
+        f"{where}: row {row} has {positions} positions, more than seq_len {seq_len} (check_length is on)"
+    )
+
+
+@dataclass
+class _Cut:
+    """One column of a unit after validation, hold-out and truncation (see ``cut_feature``)."""
+
+    positions: np.ndarray  # [R] kept positions per row
+    bag_lengths: np.ndarray  # [P] values per kept position
+    leaves: pa.Array  # [V] the kept leaf values, not yet mapped to ids
+    empty_in_file: np.ndarray  # [R] rows without any position in the file (before the hold-out)
+    # Exclusive prefix sums of positions / bag_lengths, where the cut computed them on the way.
+    pos_offsets: np.ndarray | None = None
+    bag_offsets: np.ndarray | None = None
+
+
+def _cut_with_numpy(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
+    positions, bag_lengths, leaves = split_layout(arr, where)
+    empty_in_file = positions == 0
+    positions, bag_lengths, leaves = drop_tail(positions, bag_lengths, leaves, cfg.holdout_positions)
+    if cfg.check_length and (too_long := positions > cfg.seq_len).any():
+        row = int(np.argmax(too_long))
+        raise _too_long(where, row, int(positions[row]), cfg.seq_len)
+    positions, bag_lengths, leaves = truncate(positions, bag_lengths, leaves, cfg.seq_len, cfg.truncate_side)
+    return _Cut(positions, bag_lengths, leaves, empty_in_file)
+
+
+def _cut_with_kernel(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
+    if arr.null_count or arr.values.null_count or (_list_like(arr.values.type) and arr.values.values.null_count):
+        split_layout(arr, where)  # raises the precise error where a null is part of the column's rows
+    outer = arr.offsets.to_numpy()
+    child = arr.values  # offsets index it from its start, whatever the slice of ``arr``
+    nested = _list_like(child.type)
+    inner, leaves = (child.offsets.to_numpy(), child.values) if nested else (None, child)
+    positions, bag_lengths, pos_offsets, bag_offsets, starts, stops, contiguous, too_long = kernels.cut_positions(
+        outer, inner, cfg.holdout_positions, cfg.seq_len, cfg.truncate_side == "left", cfg.check_length
+    )
+    if too_long >= 0:
+        raise _too_long(where, too_long, int(outer[too_long + 1] - outer[too_long]) - cfg.holdout_positions,
+                        cfg.seq_len)  # fmt: skip
+    if not len(starts):
+        leaves = leaves.slice(0, 0)
+    elif contiguous:  # nothing cut between rows (no truncation): a zero-copy slice
+        leaves = leaves.slice(int(starts[0]), int(stops[-1] - starts[0]))
+    else:
+        leaves = leaves.take(pa.array(_ranges(starts, stops - starts)))
+    return _Cut(positions, bag_lengths, leaves, outer[1:] == outer[:-1], pos_offsets, bag_offsets)
+
+
+def cut_feature(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
+    """Validate, hold out and truncate one ``list<T>`` / ``list<list<T>>`` column of a unit.
+
+    One compiled pass over the Arrow offsets where numba is available (``data.kernels``),
+    else numpy passes; both give the same arrays and the same errors.
+    """
+    if kernels.enabled():
+        return _cut_with_kernel(arr, cfg, where)
+    return _cut_with_numpy(arr, cfg, where)
+
+
 def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
     """Read, validate, hold out, truncate and hash one unit; users without any position are dropped."""
     columns = read_unit(unit, [f.name for f in cfg.features])
@@ -379,20 +442,11 @@ def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
     empty_before_holdout = None
     for feature in cfg.features:
         where = f"column {feature.name!r} in {unit.label}"
-        positions, bag_lengths, leaves = split_layout(columns[feature.name], where)
-        empty_before_holdout = (
-            positions == 0 if empty_before_holdout is None else empty_before_holdout & (positions == 0)
-        )
-        positions, bag_lengths, leaves = drop_tail(positions, bag_lengths, leaves, cfg.holdout_positions)
-        if cfg.check_length and (too_long := positions > cfg.seq_len).any():
-            row = int(np.argmax(too_long))
-            raise ValueError(
-                f"{where}: row {row} has {int(positions[row])} positions, more than seq_len {cfg.seq_len} "
-                "(check_length is on)"
-            )
-        positions, bag_lengths, leaves = truncate(positions, bag_lengths, leaves, cfg.seq_len, cfg.truncate_side)
-        ids = map_ids(leaves, feature, column=feature.name, source=unit.label)
-        rows.append(FeatureRows(positions, bag_lengths, ids))
+        cut = cut_feature(columns[feature.name], cfg, where)
+        empty = cut.empty_in_file
+        empty_before_holdout = empty if empty_before_holdout is None else empty_before_holdout & empty
+        ids = map_ids(cut.leaves, feature, column=feature.name, source=unit.label)
+        rows.append(FeatureRows(cut.positions, cut.bag_lengths, ids, cut.pos_offsets, cut.bag_offsets))
     block = RowBlock(rows)
     seq_lengths = np.maximum.reduce([f.positions for f in rows])
     empty = seq_lengths == 0
@@ -427,68 +481,125 @@ def build_batch(block: RowBlock, keys: list[str], item_index: int) -> SequenceBa
     return batch
 
 
-def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index: int) -> list[SequenceBatch]:
-    """Cut ``block`` into consecutive batches of ``batch_size`` users (the last may be smaller), each padded
-    on the right to its own longest user and laid out as one bag per position.
+@dataclass
+class _Layout:
+    """Where every batch of a block lives in the block's flat output arrays (see ``build_batches``)."""
 
-    All batches of the block are laid out in one vectorised pass, then cut into views: a fixed number of
-    numpy calls per block instead of per batch. Per-batch work on the assembly thread is what bounds the
-    reader (it holds the GIL that the decode threads need), so this matters for small batches.
-    """
-    features = block.features
-    num_rows = block.num_rows
-    if num_rows == 0:
-        raise ValueError("cannot build a batch without users")
+    seq_lengths: np.ndarray  # [R] positions per user (longest feature)
+    row_bounds: list[int]  # [J + 1] first row of every batch, then R
+    sizes: list[int]  # [J] users per batch
+    max_lens: list[int]  # [J] padded length per batch
+    strides: list[int]  # [J] bags per feature per batch (users * padded length)
+    bases: list[int]  # [J + 1] batch j's bag lengths: [bases[j], bases[j+1]), feature-major, user, position
+    item_bases: list[int]  # [J + 1] batch j's [users, padded length] target grid
+    row_base: np.ndarray  # [F, R] slot of every user's first bag of every feature in the lengths array
+    item_row: np.ndarray  # [R] slot of every user's first position in the target grid
+    row_len: np.ndarray  # [R] padded length of every user's batch
+
+
+def _layout(features: list[FeatureRows], batch_size: int) -> _Layout:
+    num_rows = len(features[0].positions)
     positions = np.stack([f.positions for f in features])  # [F, R]
     seq_lengths = positions.max(axis=0)
     starts = np.arange(0, num_rows, batch_size)
-    sizes = np.minimum(batch_size, num_rows - starts)  # users per batch
-    max_lens = np.maximum.reduceat(seq_lengths, starts)  # padded length per batch
-    strides = sizes * max_lens  # bags per feature per batch
-    # Batch j's lengths occupy [bases[j], bases[j+1]): feature-major, then user, then position.
+    sizes = np.minimum(batch_size, num_rows - starts)
+    max_lens = np.maximum.reduceat(seq_lengths, starts)
+    strides = sizes * max_lens
     bases = _exclusive_cumsum(len(features) * strides)
     batch_of_row = np.repeat(np.arange(len(starts)), sizes)
     row_in_batch = np.arange(num_rows) - starts[batch_of_row]
+    row_len = max_lens[batch_of_row]
+    row_offset = row_in_batch * row_len
     row_base = (
-        bases[:-1][batch_of_row][None, :]
-        + np.arange(len(features))[:, None] * strides[batch_of_row][None, :]
-        + (row_in_batch * max_lens[batch_of_row])[None, :]
-    )
-    flat_positions = positions.ravel()
+        bases[:-1][batch_of_row][None, :] + np.arange(len(features))[:, None] * strides[batch_of_row][None, :]
+    ) + row_offset[None, :]
+    item_bases = _exclusive_cumsum(strides)
+    # Python ints: the per-batch loop of build_batches is faster on them than on numpy scalars.
+    return _Layout(
+        seq_lengths, np.append(starts, num_rows).tolist(), sizes.tolist(), max_lens.tolist(), strides.tolist(),
+        bases.tolist(), item_bases.tolist(), row_base, item_bases[:-1][batch_of_row] + row_offset, row_len,
+    )  # fmt: skip
+
+
+def _bag_lengths(features: list[FeatureRows], layout: _Layout) -> np.ndarray:
+    """[bases[-1]] int32 values per bag of every batch (0 for padding), laid out as ``_Layout`` says."""
+    if kernels.enabled():
+        lengths = np.empty(layout.bases[-1], dtype=np.int32)  # every slot is written, padding included
+        for f, base in zip(features, layout.row_base):
+            kernels.fill_lengths(f.positions, f.pos_offsets, f.bag_lengths, base, layout.row_len, lengths)
+        return lengths
+    lengths = np.zeros(layout.bases[-1], dtype=np.int32)
+    flat_positions = np.concatenate([f.positions for f in features])
     # Cast while concatenating: a scatter that also converts int64 to int32 costs 4x one that does not.
     bag_lengths = np.concatenate([f.bag_lengths for f in features], dtype=np.int32)
-    slots = np.repeat(row_base.ravel() - _exclusive_cumsum(flat_positions)[:-1], flat_positions) + np.arange(
-        len(bag_lengths), dtype=np.int64
-    )
-    lengths = np.zeros(int(bases[-1]), dtype=np.int32)
+    slots = np.repeat(layout.row_base.ravel() - _exclusive_cumsum(flat_positions)[:-1], flat_positions)
+    slots += np.arange(len(bag_lengths), dtype=np.int64)
     lengths[slots] = bag_lengths
+    return lengths
 
-    # Target ids: batch j's [n_j, T_j] grid occupies [item_bases[j], item_bases[j+1]); row r's positions start
-    # at item_row[r] in it.
-    item = features[item_index]
-    item_bases = _exclusive_cumsum(strides)
-    item_row = item_bases[:-1][batch_of_row] + row_in_batch * max_lens[batch_of_row]
-    item_slots = np.repeat(item_row - item.pos_offsets[:-1], item.positions)
+
+def _target_ids(item: FeatureRows, layout: _Layout) -> np.ndarray:
+    """[item_bases[-1]] id of the first value at every position of every batch's grid; -1 for padding and
+    empty positions."""
+    if kernels.enabled():
+        item_ids = np.empty(layout.item_bases[-1], dtype=np.int64)  # every slot is written, padding included
+        kernels.fill_items(item.positions, item.pos_offsets, item.bag_lengths, item.bag_offsets, item.values,
+                           layout.item_row, layout.row_len, item_ids)  # fmt: skip
+        return item_ids
+    item_ids = np.full(layout.item_bases[-1], -1, dtype=np.int64)
+    item_slots = np.repeat(layout.item_row - item.pos_offsets[:-1], item.positions)
     item_slots += np.arange(len(item.bag_lengths), dtype=np.int64)
-    item_ids = np.full(int(item_bases[-1]), -1, dtype=np.int64)
     if len(item.values) == len(item.bag_lengths) and item.bag_lengths.min(initial=1) == 1:
         item_ids[item_slots] = item.values  # one value per position (list<T>, single ids): no gather needed
     else:
         filled = item.bag_lengths > 0
         item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
+    return item_ids
 
-    # Python ints: the loop below runs per batch, and numpy scalars make every slice and call there slower.
-    row_bounds = np.append(starts, num_rows).tolist()
-    value_bounds = [f.bag_offsets[f.pos_offsets[row_bounds]].tolist() for f in features]
-    values_of = [f.values for f in features]
-    sizes, max_lens, strides = sizes.tolist(), max_lens.tolist(), strides.tolist()
-    bases, item_bases = bases.tolist(), item_bases.tolist()
+
+def _batch_values(features: list[FeatureRows], layout: _Layout) -> list[np.ndarray]:
+    """Per batch: the values of feature 0's rows of the batch, then feature 1's, ... (int64)."""
+    value_bounds = np.stack([f.bag_offsets[f.pos_offsets[layout.row_bounds]] for f in features])  # [F, J + 1]
+    if kernels.enabled():
+        # One gather for all batches, then views: fewer numpy calls per batch on the GIL-holding thread.
+        counts = np.diff(value_bounds, axis=1)  # [F, J]
+        # Batch-major: batch j's values start at cuts[j], feature f's of them after features < f.
+        dest = _exclusive_cumsum(counts.T.ravel())[:-1].reshape(counts.shape[1], len(features)).T
+        values = np.empty(int(counts.sum()), dtype=np.int64)
+        for f, bounds, to in zip(features, value_bounds, dest):
+            kernels.copy_ranges(f.values, bounds[:-1], bounds[1:], to, values)
+        cuts = np.append(dest[0], len(values)).tolist()
+        return [values[cuts[j] : cuts[j + 1]] for j in range(len(cuts) - 1)]
+    bounds = value_bounds.tolist()
+    return [
+        np.concatenate([f.values[b[j] : b[j + 1]] for f, b in zip(features, bounds)]).astype(np.int64, copy=False)
+        for j in range(len(layout.sizes))
+    ]
+
+
+def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index: int) -> list[SequenceBatch]:
+    """Cut ``block`` into consecutive batches of ``batch_size`` users (the last may be smaller), each padded
+    on the right to its own longest user and laid out as one bag per position.
+
+    All batches of the block are laid out in one pass (compiled kernels, or vectorised numpy without numba),
+    then cut into views: a fixed number of calls per block instead of per batch. Per-batch work on the
+    assembly thread is what bounds the reader (it holds the GIL that the decode threads need), so this
+    matters for small batches.
+    """
+    features = block.features
+    if block.num_rows == 0:
+        raise ValueError("cannot build a batch without users")
+    layout = _layout(features, batch_size)
+    lengths = _bag_lengths(features, layout)
+    item_ids = _target_ids(features[item_index], layout)
+    values = _batch_values(features, layout)
+    rows, sizes, max_lens, strides = layout.row_bounds, layout.sizes, layout.max_lens, layout.strides
+    bases, item_bases = layout.bases, layout.item_bases
     batches = []
     for j in range(len(sizes)):
-        values = np.concatenate([v[b[j] : b[j + 1]] for v, b in zip(values_of, value_bounds)])
         kjt = KeyedJaggedTensor(
             keys=keys,
-            values=torch.from_numpy(values.astype(np.int64, copy=False)),
+            values=torch.from_numpy(values[j]),
             lengths=torch.from_numpy(lengths[bases[j] : bases[j + 1]]),
             stride=strides[j],
         )
@@ -496,7 +607,7 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
         batches.append(
             SequenceBatch(
                 sparse_features=kjt,
-                seq_lengths=torch.from_numpy(seq_lengths[row_bounds[j] : row_bounds[j + 1]]),
+                seq_lengths=torch.from_numpy(layout.seq_lengths[rows[j] : rows[j + 1]]),
                 item_ids=torch.from_numpy(grid),
             )
         )
@@ -508,7 +619,7 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
 
 @dataclass
 class _Failure:
-    """An exception raised off the consumer thread, carried to it through the queue."""
+    """An exception raised off the consumer thread, carried to it through the handoff."""
 
     error: BaseException
 
@@ -516,15 +627,49 @@ class _Failure:
 _END = object()
 
 
-def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
-    """Blocking put that gives up once the consumer has gone away (returns False then)."""
-    while not stop.is_set():
-        try:
-            out.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
+class _Handoff:
+    """Producer -> consumer channel, bounded by the number of batches waiting (``cfg.prefetch``).
+
+    The producer works ahead while fewer than ``prefetch`` batches wait, and hands over each group it built
+    (up to ``_GROUP_BATCHES``, one ``build_batches`` pass) in one piece: a handoff wakes the other thread and
+    moves the GIL, and per chunk of ``prefetch`` batches (8 handoffs per 1,024-row unit at batch 32 and the
+    default prefetch 4) those wake-ups cost the reader about a tenth of its two-thread throughput.
+    """
+
+    def __init__(self, prefetch: int) -> None:
+        self._limit = max(1, prefetch)
+        self._items: deque[tuple[object, int]] = deque()
+        self._waiting = 0  # batches in _items
+        self._cond = threading.Condition()
+
+    def put(self, item: object, batches: int, stop: threading.Event) -> bool:
+        """Blocks while ``prefetch`` batches wait (control items, ``batches == 0``, never block); False once
+        the consumer has gone away."""
+        with self._cond:
+            while batches and self._waiting >= self._limit and not stop.is_set():
+                self._cond.wait(0.05)
+            if stop.is_set():
+                return False
+            self._items.append((item, batches))
+            self._waiting += batches
+            self._cond.notify_all()
+        return True
+
+    def get(self) -> object:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item, batches = self._items.popleft()
+            self._waiting -= batches
+            self._cond.notify_all()
+        return item
+
+    def clear(self) -> None:
+        """Drop everything waiting (the consumer stopped): frees a producer blocked in ``put``."""
+        with self._cond:
+            self._items.clear()
+            self._waiting = 0
+            self._cond.notify_all()
 
 
 class _ThreadDecoder:
@@ -534,16 +679,28 @@ class _ThreadDecoder:
     is the unit's ``RowBlock``; ``parallelism`` units decode at once.
     """
 
-    def __init__(self, cfg: DataConfig, name: str) -> None:
+    def __init__(self, cfg: DataConfig, name: str, stop: threading.Event) -> None:
         self.cfg = cfg
+        self._stop = stop
         self.parallelism = max(1, cfg.read_threads)
         self._pool = ThreadPoolExecutor(self.parallelism, thread_name_prefix=name)
 
     def submit(self, unit: ReadUnit) -> Future[RowBlock]:
         return self._pool.submit(decode_unit, unit, self.cfg)
 
+    def build(self, block: RowBlock, batch_size: int, keys: list[str], item_index: int) -> Future[list[SequenceBatch]]:
+        """``build_batches`` on a decode thread when there are several: layouts of consecutive groups then
+        overlap each other and the decodes (their kernels release the GIL) instead of queueing on the one
+        assembly thread, which was the bottleneck from two threads on (measured: 47% -> 53% of raw decode on
+        2 cores). With one decode thread the assembly thread itself is the parallel worker: build there."""
+        if self.parallelism == 1:
+            return _done(build_batches(block, batch_size, keys, item_index))
+        return self._pool.submit(build_batches, block, batch_size, keys, item_index)
+
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # Builds handed to the consumer must finish even after the last decode; only a consumer that has gone
+        # away (stop set) cancels what has not started.
+        self._pool.shutdown(wait=True, cancel_futures=self._stop.is_set())
 
 
 @dataclass(frozen=True)
@@ -575,6 +732,21 @@ class _Window:
         return self.block.num_rows - self.offset
 
 
+@dataclass
+class _Group:
+    """Consecutive batches built together (``build_batches``), possibly still being built, with the
+    ``Position`` after each."""
+
+    batches: Future  # -> list[SequenceBatch]
+    after: list[Position]
+
+
+def _done(batches: list[SequenceBatch]) -> Future:
+    future: Future = Future()
+    future.set_result(batches)
+    return future
+
+
 _STATE_VERSION = 1
 _GROUP_BATCHES = 64  # most batches built in one pass
 _MAX_HELD = 64
@@ -586,9 +758,9 @@ class SequenceReader:
     Each ``iter()`` starts a fresh pass from the beginning, unless ``load_state_dict`` was called since the
     last ``iter()``: then it starts at the restored position. Decoding runs on ``cfg.read_threads`` worker
     threads (one unit per task, so every unit is decoded by exactly one thread) and batch building on one
-    more thread; batches come out in the same order whatever the thread timing, and at most
-    ``cfg.prefetch`` of them wait in the queue. With ``cfg.read_workers`` > 0, worker processes decode
-    instead of the threads (``data.workers``), with the same units, order and batches. A worker's exception
+    more thread (with several decode threads, the batch layouts run on them too); batches come out in the
+    same order whatever the thread timing, and the reader works ahead while fewer than ``cfg.prefetch``
+    batches wait (see ``_Handoff``). With ``cfg.read_workers`` > 0, worker processes decode instead of the threads (``data.workers``), with the same units, order and batches. A worker's exception
     is re-raised in the consumer; closing (or dropping) the iterator stops the threads and processes.
 
     Sharding: the units (ORC stripes / Parquet row groups) of all files, in file then stripe order, are
@@ -744,9 +916,7 @@ class SequenceReader:
         self._position = start
         self._before.clear()
         stop = threading.Event()
-        # Batches cross in chunks of up to ``prefetch`` (one chunk waiting): each hand-over wakes the consumer
-        # (lock, condition, GIL switch); per chunk instead of per batch, a one-thread pass took 5% less time.
-        out: queue.Queue = queue.Queue(maxsize=1)
+        out = _Handoff(self.cfg.prefetch)
         producer = threading.Thread(
             target=self._produce, args=(out, stop, start), name=f"SequenceReader-r{self.rank}", daemon=True
         )
@@ -758,7 +928,7 @@ class SequenceReader:
                     return
                 if isinstance(item, _Failure):
                     raise item.error
-                for batch, after in item:
+                for batch, after in zip(item.batches.result(), item.after):  # re-raises a failed build
                     self._before.append(self._position)
                     self._position = after  # consumed now: the state moves past this batch
                     self.batches_consumed += 1
@@ -766,22 +936,19 @@ class SequenceReader:
         finally:
             # Runs on exhaustion, error, close() and garbage collection of the generator alike.
             stop.set()
-            while not out.empty():  # free the producer if it is blocked on a full queue
-                out.get_nowait()
+            out.clear()  # free the producer if it is blocked on a full channel
             producer.join(timeout=10)
 
-    def _produce(self, out: queue.Queue, stop: threading.Event, start: Position) -> None:
+    def _produce(self, out: _Handoff, stop: threading.Event, start: Position) -> None:
         pool: _ThreadDecoder | DecodeProcesses | None = None
         try:
             pool = self._decoder(stop)
-            chunk = max(1, self.cfg.prefetch)
             for group in self._batches(pool, stop, start):
-                for i in range(0, len(group), chunk):
-                    if not _put(out, group[i : i + chunk], stop):
-                        return
-            _put(out, _END, stop)
+                if not out.put(group, len(group.after), stop):
+                    return
+            out.put(_END, 0, stop)
         except BaseException as exc:  # noqa: BLE001 - everything must reach the consumer
-            _put(out, _Failure(exc), stop)
+            out.put(_Failure(exc), 0, stop)
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -793,7 +960,7 @@ class SequenceReader:
             from data.workers import DecodeProcesses
 
             return DecodeProcesses(self.cfg, self.cfg.read_workers, name, stop)
-        return _ThreadDecoder(self.cfg, name)
+        return _ThreadDecoder(self.cfg, name, stop)
 
     def epoch_units(self, epoch: int) -> list[ReadUnit]:
         """This rank's units in the order it reads them in ``epoch``."""
@@ -877,9 +1044,9 @@ class SequenceReader:
 
     def _batches(
         self, pool: _ThreadDecoder | DecodeProcesses, stop: threading.Event, start: Position
-    ) -> Iterator[list[tuple[SequenceBatch, Position]]]:
-        """Groups of (batch, position after it), in order, as built together; the position becomes the state
-        once the batch is consumed."""
+    ) -> Iterator[_Group]:
+        """Groups of batches (being built) with the position after each, in order; the position becomes the
+        state once the batch is consumed."""
         size = self.cfg.batch_size
         pending: deque[_Window] = deque()
         epoch = start.epoch
@@ -888,7 +1055,7 @@ class SequenceReader:
         skip = start.row
         for window in self._windows(pool, stop, start):
             if window.epoch != epoch:
-                yield self._end_epoch(epoch, pending, emitted, rows)
+                yield self._end_epoch(pool, epoch, pending, emitted, rows)
                 epoch, emitted, rows = window.epoch, 0, 0
             if skip:
                 if skip > window.block.num_rows:
@@ -913,15 +1080,23 @@ class SequenceReader:
                 block = self._take(pending, count * size)
                 emitted += count
                 available -= count * size
-                yield list(zip(build_batches(block, size, self.keys, self.item_index), after))
+                yield _Group(self._build(pool, block, size), after)
         if not stop.is_set():
-            yield self._end_epoch(epoch, pending, emitted, rows)
+            yield self._end_epoch(pool, epoch, pending, emitted, rows)
+
+    def _build(self, pool: _ThreadDecoder | DecodeProcesses, block: RowBlock, size: int | None = None) -> Future:
+        """``build_batches`` of ``block`` (one batch of all its rows without ``size``), on a decode thread
+        where decoding runs on threads, else here; a Future of the batches either way."""
+        size = size or block.num_rows
+        if isinstance(pool, _ThreadDecoder):
+            return pool.build(block, size, self.keys, self.item_index)
+        return _done(build_batches(block, size, self.keys, self.item_index))
 
     def _end_epoch(
-        self, epoch: int, pending: deque[_Window], emitted: int, rows: int
-    ) -> list[tuple[SequenceBatch, Position]]:
+        self, pool: _ThreadDecoder | DecodeProcesses, epoch: int, pending: deque[_Window], emitted: int, rows: int
+    ) -> _Group:
         """The last partial batch of an epoch: emitted, or dropped under drop_remainder."""
-        last: list[tuple[SequenceBatch, Position]] = []
+        last = _Group(_done([]), [])
         left = sum(w.remaining for w in pending)
         if left:
             if self.cfg.drop_remainder:
@@ -929,8 +1104,7 @@ class SequenceReader:
                 pending.clear()
             else:
                 emitted += 1
-                batch = build_batch(self._take(pending, left), self.keys, self.item_index)
-                last.append((batch, Position(epoch + 1, 0, 0)))
+                last = _Group(self._build(pool, self._take(pending, left)), [Position(epoch + 1, 0, 0)])
         if emitted == 0:
             message = (
                 f"rank {self.rank} epoch {epoch}: {rows} usable rows give no batch of {self.cfg.batch_size}"

@@ -48,12 +48,11 @@ import numpy as np
 
 from data.config import DataConfig
 from data.reader import FeatureRows, ReadUnit, RowBlock, decode_unit
-from trainer.host import keep_freed_buffers_mapped
+from trainer.host import READER_MMAP_THRESHOLD_BYTES, keep_freed_buffers_mapped
 
 logger = logging.getLogger(__name__)
 
 _MIN_SLOT_BYTES = 1 << 20
-_WORKER_MMAP_THRESHOLD_BYTES = 32 << 20
 _ALIGN = 8  # every array starts 8-byte aligned in a slot
 _STOP_GRACE_S = 2.0  # workers finish the units queued to them, then exit; after this they are killed
 _POLL_S = 0.1  # how often a wait for a worker's reply checks whether the reader was stopped
@@ -210,7 +209,7 @@ def _worker_main(conn: Connection, cfg: DataConfig, log_level: int) -> None:
     # Decoding allocates and frees the same few MB of numpy arrays per unit; by default glibc trims the heap
     # and maps large arrays afresh, so every unit paid its page faults again (measured: a third of the CPU
     # time outside pyarrow's read). Arrays up to 32 MiB now come from a heap that stays at one unit's need.
-    keep_freed_buffers_mapped(mmap_threshold_bytes=_WORKER_MMAP_THRESHOLD_BYTES)
+    keep_freed_buffers_mapped(mmap_threshold_bytes=READER_MMAP_THRESHOLD_BYTES)
     logs = _LogBuffer()
     root = logging.getLogger()
     root.handlers = [logs]

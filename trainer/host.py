@@ -17,6 +17,9 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 256 << 20
 # Free memory at the top of the heap is given back only beyond this (more than one step's activations).
 _TRIM_THRESHOLD_BYTES = 1 << 30
+# For processes whose churn is the reader's per-unit arrays only (decode workers, CUDA ranks): those stay on
+# the heap, anything larger is mapped and unmapped as glibc does by default.
+READER_MMAP_THRESHOLD_BYTES = 32 << 20
 
 
 def keep_freed_buffers_mapped(mmap_threshold_bytes: int = _MMAP_THRESHOLD_BYTES) -> bool:
