@@ -47,7 +47,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 import numpy as np
 
 from data.config import DataConfig
-from data.reader import FeatureRows, ReadUnit, RowBlock, decode_unit
+from data.reader import FeatureRows, ReadUnit, RowBlock, decode_unit, warm_decode_kernels
 from trainer.host import READER_MMAP_THRESHOLD_BYTES, keep_freed_buffers_mapped
 
 logger = logging.getLogger(__name__)
@@ -403,3 +403,8 @@ class DecodeProcesses:
         for worker in self._workers:
             worker.join(deadline)
         self._workers.clear()
+
+
+# Imported once by the decode workers' forkserver (see _preload): workers forked from it inherit the loaded
+# kernels. Also runs in the process that starts the workers; that costs it the same one-time load.
+warm_decode_kernels()
