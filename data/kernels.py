@@ -56,8 +56,18 @@ def enabled() -> bool:
 INT64_MAX = (1 << 63) - 1
 
 if njit is not None:
-    _jit = njit(nogil=True, cache=True, boundscheck=False)
-    _inline = njit(nogil=True, cache=True, inline="always")
+
+    def _compiled(**options):  # noqa: ANN202 - a decorator factory
+        def decorate(fn):  # noqa: ANN001, ANN202
+            try:
+                return njit(nogil=True, cache=True, **options)(fn)
+            except RuntimeError:  # no writable cache location (read-only install and home): compile per process
+                return njit(nogil=True, **options)(fn)
+
+        return decorate
+
+    _jit = _compiled(boundscheck=False)
+    _inline = _compiled(inline="always")
 
     # Every constant is a uint64: numba promotes uint64 mixed with a signed int to float64.
     _U = np.uint64

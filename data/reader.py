@@ -605,9 +605,8 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
     on the right to its own longest user and laid out as one bag per position.
 
     All batches of the block are laid out in one pass (compiled kernels, or vectorised numpy without numba),
-    then cut into views: a fixed number of calls per block instead of per batch. Per-batch work on the
-    assembly thread is what bounds the reader (it holds the GIL that the decode threads need), so this
-    matters for small batches.
+    then cut into views: a fixed number of calls per block instead of per batch. What is left per batch (the
+    ``KeyedJaggedTensor`` and a few views) holds the GIL that decoding needs, so it is kept to the minimum.
     """
     features = block.features
     if block.num_rows == 0:
