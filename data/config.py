@@ -73,8 +73,9 @@ class DataConfig:
     # Threads that decode files and build batches off the training thread.
     read_threads: int = 2
     # Worker processes that decode instead of the read_threads (read, validate, truncate, hash one stripe /
-    # row group at a time); 0 = decode on threads of the training process. Processes scale with cores where
-    # threads stop: the per-unit Python glue holds the GIL. Batches, order, sharding and resume are the same
+    # row group at a time); 0 = decode on threads of the training process. Processes can scale with cores
+    # where threads stop (what Python is left per unit and batch shares one GIL), but cost more CPU per unit;
+    # on 2 cores threads are faster. Batches, order, sharding and resume are the same
     # either way. Workers come from a forkserver (POSIX) and open the files themselves, so the data must be
     # reachable from another process (not an in-memory fsspec filesystem).
     read_workers: int = 0

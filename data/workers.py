@@ -1,9 +1,10 @@
 """Decode read units in worker processes (``DataConfig.read_workers``) instead of threads.
 
-With decode threads, pyarrow's file decode runs in parallel, but the per-unit Python glue (validation,
-truncation, hashing in numpy steps) and the batch builder share one GIL, so a second decode thread adds
-little. Here every worker process runs ``data.reader.decode_unit`` under its own interpreter; the parent
-keeps the assembly and batch building, so batches are bit-identical to thread mode.
+With decode threads, pyarrow's file decode and the compiled kernels run in parallel, but the remaining
+per-unit and per-batch Python shares one GIL. Here every worker process runs ``data.reader.decode_unit``
+under its own interpreter; the parent keeps the assembly and batch building, so batches are bit-identical
+to thread mode. On a machine with more cores than decode workers this scales the decode further; on two
+cores threads are faster (see the README's data benchmark).
 
 Protocol, one duplex pipe per worker. Units are dealt round-robin and each worker answers in order, so
 the parent reads the replies in submission order:

@@ -31,8 +31,9 @@ def keep_freed_buffers_mapped(mmap_threshold_bytes: int = _MMAP_THRESHOLD_BYTES)
     their pages in again: about 60,000 page faults and a tenth of the CPU time per step of
     ``bench.bench_train``'s CPU shape. Served from the heap, and with the heap trimmed only beyond 1 GiB of
     free space, the next step reuses the same pages; the resident set stays at a step's need instead of
-    dropping between steps. The reader's decode worker processes call it too (``data.workers``): they
-    allocate and free the same arrays for every unit. Buffers above ``mmap_threshold_bytes`` stay mapped.
+    dropping between steps. CUDA ranks and the reader's decode worker processes call it too, with
+    ``READER_MMAP_THRESHOLD_BYTES`` (``trainer.dist``, ``data.workers``): the reader allocates and frees the
+    same arrays for every unit. Buffers above ``mmap_threshold_bytes`` stay mapped.
     Linux/glibc only; elsewhere (or if glibc refuses) nothing changes and False is returned.
     """
     if not sys.platform.startswith("linux"):
