@@ -11,8 +11,8 @@ used when numba cannot be imported (a platform or Python version without numba w
 the first call logs it once.
 
 Kernels are compiled on first use and cached on disk (``cache=True``: ``data/__pycache__``, or numba's
-user-wide cache when that is read-only), so a later process, a decode worker among them, loads them in
-milliseconds instead of compiling them again.
+user-wide cache when that is read-only; compiled per process where neither is writable), so a later
+process loads them in about 0.1 s instead of compiling them again (seconds).
 """
 
 from __future__ import annotations
