@@ -29,7 +29,10 @@ paths compare like their tokens/s and padding is never credited. Per step, with 
 
     FLOPs = 6 * P * N                      # forward (2 per multiply-add) + backward (2x forward)
           + 6 * L * H * sum_b len_b^2      # causal attention: Q.K^T and A.V, len^2*H each forward
-          + 6 * H * N_t^2                  # in-batch logits: [N_t, H] x [H, N_t]
+          + 6 * H * N_t * C                # the loss's logits: [N_t, H] x [H, C]
+
+with ``C`` the logits per query: ``N_t`` with every in-batch target as a negative (the seed's loss), ``K + 1``
+with K sampled ones (``--in-batch-negatives sampled``, the default).
 
 Embedding lookups, LayerNorm, softmax and the optimizers are not counted. The peak to compare with is
 measured in the same run: the best of a few large ``torch.mm`` in fp32 and in bf16 on the device.
@@ -60,7 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.batch import SequenceBatch
+from bench.profile_summary import summarize
+from data.batch import PackedLayout, SequenceBatch
 from data.config import DataConfig, FeatureConfig
 from model.config import ModelConfig
 from trainer.config import JobConfig, OptimConfig, TrainConfig
@@ -94,7 +98,14 @@ class Shape:
     max_values: int = 1
     temperature: float = 0.1
     mask_same_item: bool = False
+    # The loss's negatives (model.in_batch_negatives, ...): both paths train the same loss.
+    in_batch_negatives: str = "sampled"
+    num_in_batch_negatives: int = 128
+    in_batch_group_size: int = 64
     bf16: bool = True
+    # Trainer path only: model.attention and model.compile ("auto", "true" or "false").
+    attention: str = "auto"
+    compile: str = "auto"
     dense_lr: float = 1e-3
     sparse_lr: float = 1e-3
     log_steps: int = 10
@@ -113,9 +124,11 @@ class Shape:
 
 # The seed's ModelConfig and batch (configs/seq2seq.toml) for CUDA; a smaller transformer for a CPU box.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(batch=32, seq_len=200, emb_dim=128, hidden=256, layers=2, heads=4, ffn=1024),
-    "cuda": dict(batch=16, seq_len=1024, emb_dim=128, hidden=1024, layers=8, heads=8, ffn=1024),
+    "cpu": dict(seq_len=200, emb_dim=128, hidden=256, layers=2, heads=4, ffn=1024),
+    "cuda": dict(seq_len=1024, emb_dim=128, hidden=1024, layers=8, heads=8, ffn=1024),
 }
+# Users per step, one run each: the seed's 16 on CUDA, and 64 to show what a larger batch does per token.
+BATCHES = {"cpu": "32", "cuda": "16,64"}
 
 
 def features(shape: Shape) -> list[FeatureConfig]:
@@ -129,6 +142,10 @@ def model_config(shape: Shape) -> ModelConfig:
         hidden_size=shape.hidden, num_layers=shape.layers, nhead=shape.heads, dim_feedforward=shape.ffn,
         dropout=shape.dropout, emb_size=shape.emb_size, temperature=shape.temperature,
         mask_same_item=shape.mask_same_item, bf16=shape.bf16,
+        in_batch_negatives=shape.in_batch_negatives,  # type: ignore[arg-type]
+        num_in_batch_negatives=shape.num_in_batch_negatives, in_batch_group_size=shape.in_batch_group_size,
+        attention=shape.attention,  # type: ignore[arg-type]
+        compile={"true": True, "false": False}.get(shape.compile, "auto"),  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -197,13 +214,21 @@ def batch_tokens(batch: SequenceBatch) -> int:
     return int(batch.seq_lengths.sum())
 
 
+def loss_columns(shape: Shape, pairs: int) -> int:
+    """Logits per query: the positive and its in-batch negatives."""
+    if shape.in_batch_negatives == "all":
+        return pairs
+    return 1 + (shape.num_in_batch_negatives if shape.in_batch_negatives == "sampled" else 0)
+
+
 def useful_flops(shape: Shape, batch: SequenceBatch) -> float:
     """Matmul FLOPs of forward + backward on the real tokens (module docstring)."""
     h, lengths = shape.hidden, batch.seq_lengths.double()
     params = shape.emb_size * h + shape.layers * (4 * h * h + 2 * h * shape.ffn)
     tokens = float(lengths.sum())
-    pairs = float((batch.item_ids[:, 1:] >= 0).logical_and(batch.item_ids[:, :-1] >= 0).sum())
-    return 6 * params * tokens + 6 * shape.layers * h * float((lengths**2).sum()) + 6 * h * pairs**2
+    pairs = PackedLayout.from_batch(batch.seq_lengths, batch.item_ids).num_pairs
+    attention = 6 * shape.layers * h * float((lengths**2).sum())
+    return 6 * params * tokens + attention + 6 * h * pairs * loss_columns(shape, pairs)
 
 
 # ----------------------------------------------------------------------------------------- trainer path
@@ -228,6 +253,7 @@ class TrainerPath:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         from model.seq2seq import Seq2SeqModel
+        from trainer.compile import compile_transformer
         from trainer.dist import init_distributed
         from trainer.metrics import MetricLogger
         from trainer.optim import build_optimizer, build_scheduler
@@ -240,6 +266,7 @@ class TrainerPath:
         seed_everything(cfg.train.seed, self.ctx.rank)
         model = TrainStep(Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta")))
         self.model = shard_model(model, cfg, self.ctx)
+        compile_transformer(self.model, cfg.model, self.ctx.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device)
@@ -326,18 +353,36 @@ class PlainDecoder(nn.Module):
 def plain_contrastive_loss(
     hidden: torch.Tensor, targets: torch.Tensor, seq_lengths: torch.Tensor, item_ids: torch.Tensor, cfg: ModelConfig
 ) -> torch.Tensor:
-    """In-batch next-item cross-entropy over cosine logits, padding masked (the project's loss, plainly)."""
+    """Next-item cross-entropy over cosine logits, padding masked (the project's loss, written plainly: every
+    logit materialised in fp32, no chunks, autograd keeps them all)."""
     t = item_ids.shape[1]
     valid = (torch.arange(t - 1, device=item_ids.device) < (seq_lengths.unsqueeze(1) - 1)) & (item_ids[:, 1:] >= 0)
-    queries = F.normalize(hidden[:, :-1][valid].float(), dim=-1, eps=1e-6)
+    queries = F.normalize(hidden[:, :-1][valid].float(), dim=-1, eps=1e-6) / cfg.temperature
     keys = F.normalize(targets[:, 1:][valid].float(), dim=-1, eps=1e-6)
-    logits = queries @ keys.t() / cfg.temperature
+    ids = item_ids[:, 1:][valid]
+    if cfg.in_batch_negatives == "sampled":
+        return _plain_sampled_loss(queries, keys, ids, cfg)
+    logits = queries @ keys.t()
     if cfg.mask_same_item:
-        ids = item_ids[:, 1:][valid]
         same = ids.unsqueeze(0) == ids.unsqueeze(1)
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, torch.arange(queries.shape[0], device=logits.device))
+
+
+def _plain_sampled_loss(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """K in-batch targets drawn per group of queries: the groups' logits by one batched product, [P, 1 + K]."""
+    num, group, draws = q.shape[0], cfg.in_batch_group_size, cfg.num_in_batch_negatives
+    groups = -(-num // group)
+    drawn = torch.randint(0, num, (groups, draws), device=q.device)
+    padded = F.pad(q, (0, 0, 0, groups * group - num)).view(groups, group, -1)
+    logits = torch.bmm(padded, k[drawn].transpose(1, 2)).reshape(groups * group, draws)[:num]
+    per_query = drawn.repeat_interleave(group, dim=0)[:num]
+    masked = per_query == torch.arange(num, device=q.device).unsqueeze(1)  # a query's own target
+    if cfg.mask_same_item:
+        masked |= ids[per_query] == ids.unsqueeze(1)
+    logits = torch.cat([(q * k).sum(-1, keepdim=True), logits.masked_fill(masked, float("-inf"))], dim=1)
+    return F.cross_entropy(logits, torch.zeros(num, dtype=torch.long, device=q.device))
 
 
 class PlainSeq2Seq(nn.Module):
@@ -495,7 +540,7 @@ def _worker(path_name: str, shape: Shape, warmup: int, conn: Connection) -> None
                     "flops": sum(flops[i] for i in picked), "losses": [float(x) for x in losses],
                 })  # fmt: skip
             elif command == "profile":
-                conn.send(_profile(path, arg, device))
+                conn.send(_profile(path, arg[0], device, arg[1]))
             elif command == "memory":
                 conn.send(_peak_memory_gib(device))
             else:
@@ -504,16 +549,23 @@ def _worker(path_name: str, shape: Shape, warmup: int, conn: Connection) -> None
                 return
 
 
-def _profile(path: TrainerPath | BaselinePath, steps: int, device: torch.device) -> str:
+def _profile(path: TrainerPath | BaselinePath, steps: int, device: torch.device, full: bool) -> str:
+    """The summary by kind of work (``bench/profile_summary.py``), plus torch's table with ``--profile-table``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
+        _sync(device)
+        started = time.perf_counter()
         for _ in range(steps):
             path.step()
         _sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=40)
+        wall_s = time.perf_counter() - started
+    text = summarize(prof, steps, device, wall_s)
+    if full:
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        text += "\n\n" + prof.key_averages().table(sort_by=sort, row_limit=40)
+    return text
 
 
 class Worker:
@@ -587,23 +639,29 @@ class Result:
         return self.flops / self.seconds
 
 
-def _table(results: dict[str, Result], peaks: dict[str, float], device: str, spec_bf16: float) -> str:
-    base = results.get("baseline")
+def _table(runs: dict[int, dict[str, Result]], peaks: dict[str, float], device: str, spec_bf16: float) -> str:
+    """One row per (batch, path); ratios against the baseline of the same batch, and against the first batch's
+    tokens/s of the same path (does a larger batch pay per token?)."""
     mem_key = "cuda_gib" if device == "cuda" else "rss_gib"
     mem_label = "peak CUDA mem GiB" if device == "cuda" else "peak RSS GiB"
-    spec = f" MFU vs {spec_bf16:g} TFLOP/s bf16 spec |" if spec_bf16 else ""
+    spec = f" MFU ({spec_bf16:g} TFLOP/s bf16 spec) |" if spec_bf16 else ""
     lines = [
-        f"| path | ms/step | tokens/s | vs baseline | dense TFLOP/s | % fp32 mm peak | % bf16 mm peak |{spec} {mem_label} |",
-        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 if spec else 1),
+        f"| batch | path | ms/step | tokens/s | vs baseline | vs batch {min(runs)} | dense TFLOP/s | % fp32 mm peak | "
+        f"% bf16 mm peak |{spec} {mem_label} |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 if spec else 1),
     ]
-    for r in results.values():
-        ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
-        mfu = f" {r.flops_per_s / (spec_bf16 * 1e12):.1%} |" if spec_bf16 else ""
-        lines.append(
-            f"| {r.name} | {1000 * r.seconds / r.steps:,.0f} | {r.tokens_per_s:,.0f} | {ratio} | "
-            f"{r.flops_per_s / 1e12:.3f} | {r.flops_per_s / peaks['fp32']:.1%} | {r.flops_per_s / peaks['bf16']:.1%} |"
-            f"{mfu} {r.memory.get(mem_key, float('nan')):.2f} |"
-        )
+    first = runs[min(runs)]
+    for batch, results in runs.items():
+        base = results.get("baseline")
+        for r in results.values():
+            ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
+            scale = f"{r.tokens_per_s / first[r.name].tokens_per_s:.2f}x" if r.name in first else ""
+            mfu = f" {r.flops_per_s / (spec_bf16 * 1e12):.1%} |" if spec_bf16 else ""
+            lines.append(
+                f"| {batch} | {r.name} | {1000 * r.seconds / r.steps:,.1f} | {r.tokens_per_s:,.0f} | {ratio} | {scale} | "
+                f"{r.flops_per_s / 1e12:.3f} | {r.flops_per_s / peaks['fp32']:.1%} | {r.flops_per_s / peaks['bf16']:.1%} |"
+                f"{mfu} {r.memory.get(mem_key, float('nan')):.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -620,9 +678,16 @@ def _describe(shape: Shape, batches: list[SequenceBatch], peaks: dict[str, float
         f"dropout {shape.dropout}, emb_size {shape.emb_size}; bf16 autocast {'on' if shape.bf16 and shape.device == 'cuda' else 'off'}",
         f"batch {shape.batch}, seq_len {shape.seq_len} (lengths uniform in [{max(2, shape.seq_len // 4)}, {shape.seq_len}]): "
         f"{real / padded:.0%} of padded positions are real; {len(batches)} batches cycled",
+        f"loss: in-batch negatives {_negatives(shape)}, temperature {shape.temperature}, same-item masking "
+        f"{'on' if shape.mask_same_item else 'off'}; trainer: attention {shape.attention}, compile {shape.compile}",
         f"rounds {args.rounds} x {args.steps} steps per path, interleaved, fastest round kept; {args.warmup} warm-up steps",
-        f"measured matmul peak ({args.mm_size}^3): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s",
     ])  # fmt: skip
+
+
+def _negatives(shape: Shape) -> str:
+    if shape.in_batch_negatives == "sampled":
+        return f"sampled ({shape.num_in_batch_negatives} per query, one draw per {shape.in_batch_group_size} queries)"
+    return shape.in_batch_negatives
 
 
 def _device_name(device: str) -> str:
@@ -652,34 +717,40 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shape]:
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after building")
     parser.add_argument("--mm-size", type=int, default=0, help="matmul size of the peak measurement (0: 4096 CPU, 8192 CUDA)")
-    parser.add_argument("--profile", type=int, default=0, help="also profile N steps of each path (torch.profiler)")
+    parser.add_argument("--profile", type=int, default=0, help="also profile N steps of each path: time by kind of work")
+    parser.add_argument("--profile-table", action="store_true", help="with --profile: torch.profiler's full table too")
     parser.add_argument(
         "--spec-bf16-tflops", type=float, default=0.0, help="the device's dense bf16 spec peak: adds an MFU column"
     )
     defaults = Shape()
     for field in dataclasses.fields(Shape):
-        if field.name == "device":
+        if field.name in ("device", "batch"):
             continue
         flag = "--" + field.name.replace("_", "-")
         if field.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"int": int, "float": float}[str(field.type)]
+            kind = {"int": int, "float": float, "str": str}[str(field.type)]
             parser.add_argument(flag, type=kind, default=None, help=f"default {getattr(defaults, field.name)} (CPU)")
+    parser.add_argument(
+        "--batch", default=None, help="users per step; comma-separated for several runs (default 32 CPU, 16,64 CUDA)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible on this machine")
     values = {**PRESETS[args.device], "device": args.device}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Shape) if getattr(args, f.name, None) is not None})
+    values["batch"] = 0
+    try:
+        args.batches = [int(b) for b in (args.batch or BATCHES[args.device]).split(",")]
+    except ValueError:
+        parser.error(f"--batch: comma-separated user counts expected, got {args.batch!r}")
     args.mm_size = args.mm_size or (8192 if args.device == "cuda" else 4096)
     return args, Shape(**values)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, shape = parse_args(argv)
-    names = [n.strip() for n in args.paths.split(",") if n.strip()]
-    device = torch.device(shape.device)
-    peaks = {"fp32": matmul_peak(device, torch.float32, args.mm_size), "bf16": matmul_peak(device, torch.bfloat16, args.mm_size)}
+def measure(shape: Shape, names: list[str], args: argparse.Namespace) -> tuple[dict[str, Result], dict[str, str]]:
+    """Every path at one shape: interleaved rounds, fastest kept; profiles if asked."""
     workers = [Worker(name, shape, args.warmup) for name in names]  # built one after the other
     results: dict[str, Result] = {}
     try:
@@ -687,28 +758,45 @@ def main(argv: list[str] | None = None) -> None:
             # Interleaved rounds: a load change on the shared machine hits both paths alike.
             for w in workers:
                 r = w.call("run", args.steps)
-                print(f"round {round_index + 1}/{args.rounds} {w.name}: {1000 * r['seconds'] / args.steps:,.0f} ms/step, "
-                      f"loss {r['losses'][-1]:.4f}", file=sys.stderr, flush=True)
+                print(f"batch {shape.batch} round {round_index + 1}/{args.rounds} {w.name}: "
+                      f"{1000 * r['seconds'] / args.steps:,.1f} ms/step, loss {r['losses'][-1]:.4f}",
+                      file=sys.stderr, flush=True)  # fmt: skip
                 result = Result(w.name, r["seconds"], r["tokens"], r["flops"], args.steps, w.ready["build_s"])
                 if w.name not in results or result.tokens_per_s > results[w.name].tokens_per_s:
                     results[w.name] = result
                 if not all(math.isfinite(x) for x in r["losses"]):
                     raise RuntimeError(f"{w.name}: non-finite loss {r['losses']}")
-        profiles = {w.name: w.call("profile", args.profile) for w in workers} if args.profile else {}
+        profiles = {w.name: w.call("profile", (args.profile, args.profile_table)) for w in workers} if args.profile else {}
         for w in workers:
             results[w.name].memory = w.call("memory")
     finally:
         for w in workers:
             w.close()
+    return results, profiles
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, shape = parse_args(argv)
+    names = [n.strip() for n in args.paths.split(",") if n.strip()]
+    device = torch.device(shape.device)
+    peaks = {"fp32": matmul_peak(device, torch.float32, args.mm_size), "bf16": matmul_peak(device, torch.bfloat16, args.mm_size)}
+    runs: dict[int, dict[str, Result]] = {}
+    for batch in args.batches:
+        at = dataclasses.replace(shape, batch=batch)
+        runs[batch], profiles = measure(at, names, args)
+        for name, text in profiles.items():
+            print(f"\n=== profile: {name}, batch {batch}, {args.profile} steps ===\n{text}\n")
+        print(_describe(at, synthetic_batches(at), peaks, args))
+        print("build s: " + ", ".join(f"{r.name} {r.build_s:.1f}" for r in runs[batch].values()) + "\n")
     peaks["fp32"] = max(peaks["fp32"], matmul_peak(device, torch.float32, args.mm_size))
     peaks["bf16"] = max(peaks["bf16"], matmul_peak(device, torch.bfloat16, args.mm_size))
-    for name, text in profiles.items():
-        print(f"\n=== profile: {name}, {args.profile} steps ===\n{text}")
-    print(_describe(shape, synthetic_batches(shape), peaks, args))
-    print("build s: " + ", ".join(f"{r.name} {r.build_s:.1f}" for r in results.values()))
-    print(_table(results, peaks, shape.device, args.spec_bf16_tflops))
-    if "trainer" in results and "baseline" in results:
-        print(f"trainer / baseline tokens/s: {results['trainer'].tokens_per_s / results['baseline'].tokens_per_s:.2f}x")
+    print(f"measured matmul peak ({args.mm_size}^3): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s")  # fmt: skip
+    print(_table(runs, peaks, shape.device, args.spec_bf16_tflops))
+    for batch, results in runs.items():
+        if "trainer" in results and "baseline" in results:
+            ratio = results["trainer"].tokens_per_s / results["baseline"].tokens_per_s
+            print(f"batch {batch}: trainer / baseline tokens/s {ratio:.2f}x")
 
 
 if __name__ == "__main__":

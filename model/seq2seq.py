@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.batch import SequenceBatch, negatives_key
+from data.batch import PackedLayout, SequenceBatch, negatives_key
 from data.config import FeatureConfig
+from model.attention import PackedAttention
 from model.config import ModelConfig
-from model.loss import next_item_contrastive_loss
+from model.loss import NegativeSpec, chunked_loss, next_item_contrastive_loss, sample_in_batch
 from model.sparse import SparseArch
 from model.transformer import CausalTransformer
 
@@ -79,16 +80,24 @@ class PositionEmbedding(nn.Embedding):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, seq_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        """``distance`` of each position to its user's newest one; beyond the table, the last row."""
+        return super().forward(distance.clamp(max=self.num_embeddings - 1))
+
+    def grid(self, seq_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """``[B, T, H]`` for the padded grid. Padding gets distance 0 too: it never reaches a real position
+        under the causal mask."""
         t = torch.arange(max_len, device=seq_lengths.device)
-        # Padding gets distance 0 too: it never reaches a real position under the causal mask.
-        distance = (seq_lengths.unsqueeze(1) - 1 - t).clamp(min=0, max=self.num_embeddings - 1)
-        return super().forward(distance)
+        return self((seq_lengths.unsqueeze(1) - 1 - t).clamp(min=0))
 
 
 class Seq2SeqDecoder(nn.Module):
     """Dense part: ``[B*T, width]`` embeddings -> loss. Holds no sharded module, so the pipeline tracer
-    treats it as a leaf."""
+    treats it as a leaf.
+
+    It works on the batch's real positions only (``PackedLayout``): the embeddings of the padded grid are
+    packed into ``[N, width]`` rows first, and the projection, transformer and loss never touch padding.
+    """
 
     def __init__(self, cfg: ModelConfig, layout: ColumnLayout) -> None:
         super().__init__()
@@ -98,6 +107,12 @@ class Seq2SeqDecoder(nn.Module):
         self.position = PositionEmbedding(cfg.max_positions, cfg.hidden_size) if cfg.max_positions else None
         self.transformer = CausalTransformer(cfg)
         self._bugs = tuple(cfg.seed_loss_bugs)
+        self.negatives = NegativeSpec(
+            in_batch=cfg.in_batch_negatives,
+            num_sampled=cfg.num_in_batch_negatives,
+            group_size=cfg.in_batch_group_size,
+            mask_same_item=cfg.mask_same_item,
+        )
 
     def _project(self, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """The input projection restricted to the columns of ``names``: what ``proj`` gives when every other
@@ -108,31 +123,52 @@ class Seq2SeqDecoder(nn.Module):
 
     def _autocast(self, x: torch.Tensor) -> torch.autocast:
         # bf16 autocast as in the seed, on CUDA only (CPU bf16 matmuls are slower than fp32 on most hosts).
-        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and x.is_cuda)
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self._bf16(x))
+
+    def _bf16(self, x: torch.Tensor) -> bool:
+        return self.cfg.bf16 and x.is_cuda
+
+    def _targets(self, x: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        if self.layout.targets_are_inputs:
+            # Targets are items, not items at a position: no position embedding.
+            return projected
+        parts = [x[..., self.layout.columns(n)] for n in self.layout.target_features]
+        return self._project(torch.cat(parts, dim=-1), self.layout.target_features)
+
+    def encode_packed(self, embeddings: torch.Tensor, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B*T, width]`` embeddings -> (hidden states, target representations), both ``[N, hidden_size]``
+        over the real positions, user after user."""
+        x = embeddings[:, : self.layout.input_width].index_select(0, layout.index)
+        with self._autocast(x):
+            projected = self.proj(x)
+            inputs = projected if self.position is None else projected + self.position(layout.distance)
+            hidden = self.transformer(inputs, PackedAttention(layout, self.cfg.attention, x.device))
+            return hidden, self._targets(x, projected)
 
     def encode(
         self, embeddings: torch.Tensor, batch_shape: torch.Size, seq_lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (hidden states, target representations), both ``[B, T, hidden_size]``. ``seq_lengths``
-        is needed with position embeddings, and lets the transformer skip the padding."""
+        """Returns (hidden states, target representations), both ``[B, T, hidden_size]``, zero at padding.
+        Without ``seq_lengths`` every position of the grid is taken as real."""
+        batch, width = batch_shape
+        if seq_lengths is None:
+            if self.position is not None:
+                raise ValueError("model.max_positions > 0: encode() needs the sequence lengths")
+            seq_lengths = torch.full((batch,), width, dtype=torch.long)
+        # The lengths go to the host (a sync on CUDA): evaluation and tests, not the training step.
+        layout = PackedLayout.from_batch(seq_lengths, None, max_len=width).to(embeddings.device)
+        hidden, targets = self.encode_packed(embeddings, layout)
+        return _unpack(hidden, layout), _unpack(targets, layout)
+
+    def _encode_grid(
+        self, embeddings: torch.Tensor, batch_shape: torch.Size, seq_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded ``[B, T]`` grid, padding computed as if real: only for the seed's padded loss."""
         x = embeddings[:, : self.layout.input_width].reshape(*batch_shape, -1)
         with self._autocast(x):
             projected = self.proj(x)
-            inputs = projected
-            if self.position is not None:
-                if seq_lengths is None:
-                    raise ValueError("model.max_positions > 0: encode() needs the sequence lengths")
-                inputs = projected + self.position(seq_lengths, x.shape[1])
-            # With the lengths the transformer computes real positions only (CPU); the seed's padded loss
-            # (ablation) reads the padding's outputs, so it gets the padded grid.
-            hidden = self.transformer(inputs, None if "padding" in self._bugs else seq_lengths)
-            if self.layout.targets_are_inputs:
-                # Targets are items, not items at a position: no position embedding.
-                targets = projected
-            else:
-                parts = [x[..., self.layout.columns(n)] for n in self.layout.target_features]
-                targets = self._project(torch.cat(parts, dim=-1), self.layout.target_features)
-        return hidden, targets
+            inputs = projected if self.position is None else projected + self.position.grid(seq_lengths, x.shape[1])
+            return self.transformer(inputs), self._targets(x, projected)
 
     def item_representation(self, item_embeddings: torch.Tensor) -> torch.Tensor:
         """``[N, emb_dim]`` item-table rows -> ``[N, hidden_size]`` target representations (item-only targets)."""
@@ -150,18 +186,50 @@ class Seq2SeqDecoder(nn.Module):
         seq_lengths: torch.Tensor,
         item_ids: torch.Tensor,
         negative_ids: torch.Tensor | None = None,
+        layout: PackedLayout | None = None,
     ) -> Seq2SeqOutput:
-        hidden, targets = self.encode(embeddings, item_ids.shape, seq_lengths)
         negatives = None
         if negative_ids is not None:
             # The sampled ids fill the first rows of the negatives block (one id per bag).
             negatives = self.item_representation(embeddings[: negative_ids.numel(), self.layout.input_width :])
+        if self._bugs:
+            return self._seed_loss(embeddings, seq_lengths, item_ids, negatives, negative_ids)
+        if layout is None:
+            # A batch built on its device: the layout costs a device-to-host copy of the lengths here.
+            layout = PackedLayout.from_batch(seq_lengths.cpu(), item_ids.cpu()).to(embeddings.device)
+        hidden, targets = self.encode_packed(embeddings, layout)
+        queries = hidden.index_select(0, layout.query_rows)
+        keys = targets.index_select(0, layout.query_rows + 1)  # the next row is the next position
+        out = chunked_loss(
+            queries, keys, layout.target_ids, self.negatives, self.cfg.temperature, negatives, negative_ids,
+            sample_in_batch(layout.num_pairs, self.negatives, queries.device),
+            self.cfg.loss_chunk_size, torch.bfloat16 if self._bf16(queries) else torch.float32,
+        )  # fmt: skip
+        # The counts come with the layout: no host round trip for a shape.
+        return Seq2SeqOutput(out.loss, out.hits, layout.counts[1], layout.counts[0], layout.counts[2])
+
+    def _seed_loss(
+        self,
+        embeddings: torch.Tensor,
+        seq_lengths: torch.Tensor,
+        item_ids: torch.Tensor,
+        negatives: torch.Tensor | None,
+        negative_ids: torch.Tensor | None,
+    ) -> Seq2SeqOutput:
+        """The seed's loss with some of its bugs put back (``model.seed_loss_bugs``, ablations only)."""
+        hidden, targets = self._encode_grid(embeddings, item_ids.shape, seq_lengths)
         out = next_item_contrastive_loss(
             hidden, targets, seq_lengths, item_ids, self.cfg.temperature, self.cfg.mask_same_item,
             negatives, negative_ids, self._bugs,
         )  # fmt: skip
         num_samples = torch.tensor(seq_lengths.numel(), device=seq_lengths.device)
         return Seq2SeqOutput(out.loss, out.hits, out.num_targets, seq_lengths.sum(), num_samples)
+
+
+def _unpack(rows: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """``[N, H]`` -> ``[B, T, H]`` with zeros at the padding."""
+    grid = rows.new_zeros(layout.batch * layout.max_len, rows.shape[-1]).index_copy(0, layout.index, rows)
+    return grid.view(layout.batch, layout.max_len, -1)
 
 
 def negatives_feature(item: FeatureConfig) -> FeatureConfig:
@@ -193,4 +261,4 @@ class Seq2SeqModel(nn.Module):
         # Keep this body a straight line of module calls: TorchRec's pipeline fx-traces it to find the
         # embedding collection's input (batch.sparse_features) and pipeline its input distribution.
         embeddings = self.sparse(batch.sparse_features)
-        return self.dense(embeddings, batch.seq_lengths, batch.item_ids, batch.negative_ids)
+        return self.dense(embeddings, batch.seq_lengths, batch.item_ids, batch.negative_ids, batch.layout)

@@ -233,10 +233,12 @@ def test_position_embeddings_count_from_the_newest_item() -> None:
     emb = torch.randn(2 * 5, 12)
     # Two users with 5 and 3 real positions: both newest items get distance 0, so the same embedding row.
     lengths = torch.tensor([5, 3])
-    pos = model.dense.position(lengths, 5)
+    pos = model.dense.position.grid(lengths, 5)
     assert torch.equal(pos[0, 4], pos[1, 2]) and torch.equal(pos[0, 0], pos[0, 1])  # distance 4 clamps to 3
     hidden, targets = model.dense.encode(emb, torch.Size([2, 5]), lengths)
-    # Targets stay position-free (items, not items at a position).
-    assert torch.allclose(targets, model.dense.proj(emb).view(2, 5, 8))
+    # Targets stay position-free (items, not items at a position); encode() fills the real positions only.
+    real = torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)
+    assert torch.allclose(targets[real], model.dense.proj(emb).view(2, 5, 8)[real])
+    assert (targets[~real] == 0).all() and (hidden[~real] == 0).all()
     with pytest.raises(ValueError, match="max_positions"):
         model.dense.encode(emb, torch.Size([2, 5]))

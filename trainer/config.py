@@ -288,6 +288,8 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("optim.dense_betas must hold two numbers")
     if m.max_positions < 0:
         raise ConfigError(f"model.max_positions must be >= 0, got {m.max_positions}")
+    if m.attention == "varlen" and t.device == "cpu":
+        raise ConfigError("model.attention = 'varlen' is FlashAttention's CUDA kernel; train.device is 'cpu' (use 'auto')")
     if d.holdout_positions < 0:
         raise ConfigError(f"data.holdout_positions must be >= 0, got {d.holdout_positions}")
     _validate_targets(cfg)
@@ -323,6 +325,24 @@ def _validate_targets(cfg: JobConfig) -> None:
         raise ConfigError(f"model.num_negatives must be >= 0, got {m.num_negatives}")
     if m.num_negatives:
         require_ranking(cfg, "model.num_negatives (sampled negatives)")
+    _validate_negatives(m)
+
+
+def _validate_negatives(m: ModelConfig) -> None:
+    if m.in_batch_negatives == "sampled":
+        _positive({"model.num_in_batch_negatives": m.num_in_batch_negatives, "model.in_batch_group_size": m.in_batch_group_size})
+    if m.in_batch_negatives == "none" and not m.num_negatives:
+        raise ConfigError(
+            "model.in_batch_negatives = 'none' and model.num_negatives = 0: the loss would have no negatives; "
+            "set model.num_negatives (uniform items from the table) or another model.in_batch_negatives"
+        )
+    if m.loss_chunk_size < 0:
+        raise ConfigError(f"model.loss_chunk_size must be >= 0 (0 = automatic), got {m.loss_chunk_size}")
+    if m.seed_loss_bugs and m.in_batch_negatives != "all":
+        raise ConfigError(
+            f"model.seed_loss_bugs {m.seed_loss_bugs} reproduce the seed's loss, whose negatives are all in-batch "
+            f"targets: set model.in_batch_negatives = 'all' (got {m.in_batch_negatives!r})"
+        )
 
 
 def _validate_eval(cfg: JobConfig) -> None:

@@ -20,6 +20,8 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> Combined
     parameters are filtered out here so AdamW only sees the dense ones.
     """
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    # One fused kernel over all dense tensors on CUDA instead of a multi-tensor loop of element-wise ops.
+    fused = bool(dense_params) and all(p.device.type == "cuda" for p in dense_params.values())
     dense = KeyedOptimizerWrapper(
         dense_params,
         lambda params: torch.optim.AdamW(
@@ -28,6 +30,7 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> Combined
             betas=(cfg.dense_betas[0], cfg.dense_betas[1]),
             eps=cfg.dense_eps,
             weight_decay=cfg.dense_weight_decay,
+            fused=fused or None,
         ),
     )
     return CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])

@@ -22,6 +22,7 @@ from data.reader import SequenceReader
 from model.seq2seq import Seq2SeqModel, Seq2SeqOutput
 from model.sparse import managed_collision_stats
 from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from trainer.compile import compile_transformer
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext
 from trainer.evaluate import Evaluator, write_result
@@ -70,6 +71,7 @@ class Trainer:
             Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta"), item_feature=cfg.data.item_feature)
         )
         self.model = shard_model(model, cfg, ctx)
+        compile_transformer(self.model, cfg.model, ctx.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
         self.checkpoints = CheckpointManager(self.output_dir, ctx, cfg.train.max_to_keep)
@@ -317,9 +319,7 @@ class StepAlignedBatches(Iterator[SequenceBatch]):
         batch = next(self._batches, None)
         # Counted even when all ranks stop below: the reader handed it out, so its position moved on.
         self._pulled += batch is not None
-        has_batch = torch.tensor([0 if batch is None else 1])
-        dist.all_reduce(has_batch, op=dist.ReduceOp.MIN, group=self._ctx.control_group)
-        if has_batch.item() == 0:
+        if not self._all_ranks_have(batch is not None):
             self._exhausted = True
             if batch is not None:
                 logger.warning(
@@ -330,6 +330,13 @@ class StepAlignedBatches(Iterator[SequenceBatch]):
             raise StopIteration
         assert batch is not None
         return self._negatives(batch) if self._negatives else batch
+
+    def _all_ranks_have(self, has_batch: bool) -> bool:
+        if self._ctx.world_size == 1:
+            return has_batch  # nobody to agree with: no collective on the step's critical path
+        flag = torch.tensor([1 if has_batch else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._ctx.control_group)
+        return bool(flag.item())
 
     def reader_state(self, trained: int) -> dict[str, Any]:
         """Reader position after ``trained`` batches of this run have been trained on."""
