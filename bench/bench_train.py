@@ -501,6 +501,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _worker(path_name: str, shape: Shape, warmup: int, conn: Connection) -> None:
+    """``_serve`` one path; running out of device memory is a result (the batch does not fit), sent back."""
+    try:
+        _serve(path_name, shape, warmup, conn)
+    except torch.OutOfMemoryError as error:
+        conn.send({"error": f"out of memory ({str(error).splitlines()[0][:120]})"})
+
+
+def _serve(path_name: str, shape: Shape, warmup: int, conn: Connection) -> None:
     """Build one path, warm it up, then run timed rounds on the parent's command."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # The planner warns about every kernel it filters out; that is expected here (CPU: "fused" only).
@@ -568,6 +576,10 @@ def _profile(path: TrainerPath | BaselinePath, steps: int, device: torch.device,
     return text
 
 
+class PathFailed(RuntimeError):
+    """A path could not run at this shape (out of device memory); its worker has exited."""
+
+
 class Worker:
     """The parent's handle on one path's subprocess."""
 
@@ -582,10 +594,14 @@ class Worker:
 
     def _recv(self) -> Any:
         try:
-            return self._conn.recv()
+            message = self._conn.recv()
         except EOFError:
             self._proc.join()
             raise RuntimeError(f"{self.name} worker died (exit code {self._proc.exitcode})") from None
+        if isinstance(message, dict) and "error" in message:
+            self._proc.join(timeout=60)
+            raise PathFailed(f"{self.name}: {message['error']}")
+        return message
 
     def call(self, command: str, arg: Any = None) -> Any:
         self._conn.send((command, arg))
@@ -717,7 +733,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shape]:
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after building")
     parser.add_argument("--mm-size", type=int, default=0, help="matmul size of the peak measurement (0: 4096 CPU, 8192 CUDA)")
-    parser.add_argument("--profile", type=int, default=0, help="also profile N steps of each path: time by kind of work")
+    parser.add_argument(
+        "--profile", type=int, default=None, help="also profile N steps of each path: time by kind of work (default 4 on CUDA, 0 on CPU)"
+    )
     parser.add_argument("--profile-table", action="store_true", help="with --profile: torch.profiler's full table too")
     parser.add_argument(
         "--spec-bf16-tflops", type=float, default=0.0, help="the device's dense bf16 spec peak: adds an MFU column"
@@ -746,12 +764,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shape]:
     except ValueError:
         parser.error(f"--batch: comma-separated user counts expected, got {args.batch!r}")
     args.mm_size = args.mm_size or (8192 if args.device == "cuda" else 4096)
+    if args.profile is None:
+        args.profile = 4 if args.device == "cuda" else 0
     return args, Shape(**values)
 
 
-def measure(shape: Shape, names: list[str], args: argparse.Namespace) -> tuple[dict[str, Result], dict[str, str]]:
-    """Every path at one shape: interleaved rounds, fastest kept; profiles if asked."""
-    workers = [Worker(name, shape, args.warmup) for name in names]  # built one after the other
+def measure(
+    shape: Shape, names: list[str], args: argparse.Namespace
+) -> tuple[dict[str, Result], dict[str, str], dict[str, str]]:
+    """Every path at one shape: interleaved rounds, fastest kept; profiles if asked. Returns the results, the
+    profiles and the paths that did not fit in device memory (with the reason)."""
+    workers, failed = [], {}
+    for name in names:  # built one after the other
+        try:
+            workers.append(Worker(name, shape, args.warmup))
+        except PathFailed as error:
+            failed[name] = str(error)
     results: dict[str, Result] = {}
     try:
         for round_index in range(args.rounds):
@@ -772,7 +800,7 @@ def measure(shape: Shape, names: list[str], args: argparse.Namespace) -> tuple[d
     finally:
         for w in workers:
             w.close()
-    return results, profiles
+    return results, profiles, failed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -781,9 +809,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(shape.device)
     peaks = {"fp32": matmul_peak(device, torch.float32, args.mm_size), "bf16": matmul_peak(device, torch.bfloat16, args.mm_size)}
     runs: dict[int, dict[str, Result]] = {}
+    failures: list[str] = []
     for batch in args.batches:
         at = dataclasses.replace(shape, batch=batch)
-        runs[batch], profiles = measure(at, names, args)
+        runs[batch], profiles, failed = measure(at, names, args)
+        failures += [f"batch {batch}: {message}" for message in failed.values()]
         for name, text in profiles.items():
             print(f"\n=== profile: {name}, batch {batch}, {args.profile} steps ===\n{text}\n")
         print(_describe(at, synthetic_batches(at), peaks, args))
@@ -792,7 +822,10 @@ def main(argv: list[str] | None = None) -> None:
     peaks["bf16"] = max(peaks["bf16"], matmul_peak(device, torch.bfloat16, args.mm_size))
     print(f"measured matmul peak ({args.mm_size}^3): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s")  # fmt: skip
-    print(_table(runs, peaks, shape.device, args.spec_bf16_tflops))
+    if any(runs.values()):
+        print(_table({b: r for b, r in runs.items() if r}, peaks, shape.device, args.spec_bf16_tflops))
+    for failure in failures:
+        print(f"did not fit: {failure}")
     for batch, results in runs.items():
         if "trainer" in results and "baseline" in results:
             ratio = results["trainer"].tokens_per_s / results["baseline"].tokens_per_s

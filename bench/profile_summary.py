@@ -20,7 +20,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("compiled (fused) element-wise", ("triton_",)),
     ("matmul", ("gemm", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "matmul", "sgemm")),
     ("layer norm", ("layer_norm", "layernorm")),
-    ("dropout / random", ("dropout", "bernoulli", "philox", "rand", "fused_dropout")),
+    ("dropout / random", ("dropout", "bernoulli", "philox", "rand", "uniform_", "fused_dropout")),
     ("softmax / log-sum-exp", ("softmax", "logsumexp", "exp", "log_")),
     ("copy / cast", ("copy", "_to_copy", "memcpy", "memset", "cast")),
     ("index / scatter / gather", ("index", "scatter", "gather", "repeat_interleave", "nonzero", "masked")),

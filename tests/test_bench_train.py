@@ -91,3 +91,18 @@ def test_baseline_sampled_loss_is_the_projects_loss_written_plainly() -> None:
     spec = NegativeSpec("sampled", num_sampled=7, group_size=3, mask_same_item=True)
     expected = reference_loss(q, k, ids, spec, 0.3, sampled=sampled)
     assert plain.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+
+
+def test_a_batch_that_does_not_fit_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing as mp
+
+    from bench import bench_train
+
+    def out_of_memory(*_args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB\nmore")
+
+    monkeypatch.setattr(bench_train, "_serve", out_of_memory)
+    parent, child = mp.Pipe()
+    bench_train._worker("trainer", TINY, 0, child)
+    message = parent.recv()
+    assert message["error"].startswith("out of memory (CUDA out of memory. Tried to allocate 80.00 GiB")
