@@ -41,7 +41,7 @@ from data.reader import SequenceReader
 from data.sample import SampleParams, generate_table, write_files
 from model.seq2seq import Seq2SeqModel
 from trainer.config import load_config
-from trainer.host import keep_freed_buffers_mapped
+from runtime.host import keep_freed_buffers_mapped
 
 
 @dataclasses.dataclass

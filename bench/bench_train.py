@@ -20,7 +20,7 @@ In one invocation, on identical synthetic batches (``SequenceBatch``, sequence l
 Each path runs in its own subprocess (so that its peak memory is its own); the parent interleaves rounds of
 ``--steps`` steps on the paths and keeps each path's fastest round (the machine may be shared).
 ``--paths trainer,baseline,baseline-malloc`` adds the baseline with the trainer's host allocator setting
-(``trainer/host.py``), to tell how much of the gap that setting alone makes.
+(``runtime/host.py``), to tell how much of the gap that setting alone makes.
 
 **FLOPs.** Only useful work counts (real tokens, causal half of attention), so the achieved FLOP/s of the two
 paths compare like their tokens/s and padding is never credited. Per step, with ``P = E*H + L*(4*H^2 +
@@ -428,8 +428,8 @@ class BaselinePath:
     name = "baseline"
 
     def __init__(self, shape: Shape, batches: list[SequenceBatch], malloc_tuned: bool = False) -> None:
-        if malloc_tuned:  # the trainer's process setting (trainer/host.py), to tell its share of the gap
-            from trainer.host import keep_freed_buffers_mapped
+        if malloc_tuned:  # the trainer's process setting (runtime/host.py), to tell its share of the gap
+            from runtime.host import keep_freed_buffers_mapped
 
             keep_freed_buffers_mapped()
         torch.manual_seed(shape.seed)

@@ -49,7 +49,7 @@ import numpy as np
 
 from data.config import DataConfig
 from data.reader import FeatureRows, ReadUnit, RowBlock, decode_unit, warm_decode_kernels
-from trainer.host import READER_MMAP_THRESHOLD_BYTES, keep_freed_buffers_mapped
+from runtime.host import READER_MMAP_THRESHOLD_BYTES, keep_freed_buffers_mapped
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from trainer.host import READER_MMAP_THRESHOLD_BYTES, keep_freed_buffers_mapped
+from runtime.host import READER_MMAP_THRESHOLD_BYTES, keep_freed_buffers_mapped
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistCont
         torch.cuda.set_device(torch_device)
         backend = "nccl"
         # The reader's per-unit arrays (tens of MiB at most) are the host's allocation churn here: reuse
-        # their pages instead of faulting fresh ones in for every unit (trainer/host.py).
+        # their pages instead of faulting fresh ones in for every unit (runtime/host.py).
         keep_freed_buffers_mapped(mmap_threshold_bytes=READER_MMAP_THRESHOLD_BYTES)
     else:
         torch_device, backend = torch.device("cpu"), "gloo"
-        # Training on the host: keep large activation buffers mapped between steps (see trainer/host.py).
+        # Training on the host: keep large activation buffers mapped between steps (see runtime/host.py).
         keep_freed_buffers_mapped()
 
     timeout = timedelta(seconds=timeout_s)

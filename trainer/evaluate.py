@@ -441,7 +441,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError, load_config, require_ranking
-    from trainer.main import setup_logging
+    from runtime.logs import setup_logging
 
     setup_logging()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)

@@ -10,8 +10,8 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
+from runtime.logs import setup_logging
 from trainer.config import ConfigError, JobConfig, dump_config, load_config
 
 logger = logging.getLogger("trainer")
@@ -38,24 +38,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.no_resume:
         overrides.append("--train.resume=false")
     return args, overrides
-
-
-def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
-    # WARNING at the root: fbgemm logs every table's arguments at INFO through the root logger, and
-    # TorchRec its planner tables on every rank. Our own packages log at INFO.
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,  # replace any handler an imported library installed first
-    )
-    for ours in ("trainer", "data", "model"):
-        logging.getLogger(ours).setLevel(logging.INFO)
-    # Notes meant for TorchRec's own developers (deprecations inside TorchRec, fx tracing internals).
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Process-level settings every layer may use (logging, the host allocator): imports nothing of the project."""
