@@ -9,6 +9,11 @@ HashType = Literal["none", "murmur", "farm"]
 TruncateSide = Literal["left", "right"]
 
 
+class DataConfigError(ValueError):
+    """A ``[data]`` setting the reader cannot work with; the message names the key (``data.batch_size``,
+    ``data.features.0 (item_id).hash_type``, ...)."""
+
+
 @dataclass
 class FeatureConfig:
     """One sequence column of the input files (RecIS ``varlen_feature`` + ``EmbeddingOption``).
@@ -48,6 +53,18 @@ class FeatureConfig:
     def __post_init__(self) -> None:
         if not self.shard_name:
             self.shard_name = self.name
+
+    def validate(self, key: str) -> None:
+        """The rules that need nothing but this feature; ``key`` names it in messages."""
+        if self.hash_type not in ("none", "murmur", "farm"):
+            raise DataConfigError(f"{key}: unknown hash_type {self.hash_type!r} (none, murmur or farm)")
+        if self.hash_bucket_size < 0:
+            raise DataConfigError(f"{key}.hash_bucket_size must be >= 0")
+        if self.hash_type == "none" and self.hash_bucket_size == 0 and self.num_embeddings <= 0:
+            raise DataConfigError(
+                f"{key} has integer ids without hash_bucket_size: set num_embeddings "
+                "(ids must lie in [0, num_embeddings)) or a hash_bucket_size"
+            )
 
     @property
     def table_rows(self) -> int:
@@ -107,3 +124,32 @@ class DataConfig:
     def paths(self) -> list[str]:
         raw = self.data_paths if isinstance(self.data_paths, list) else self.data_paths.split(",")
         return [p.strip() for p in raw if p.strip()]
+
+    def validate(self) -> None:
+        """Every rule on ``[data]`` alone, checked once: by the job's config loader before anything starts,
+        and by ``SequenceReader`` for a config built in code."""
+        if not self.features:
+            raise DataConfigError("data.features: at least one feature is required")
+        for key, value in (("batch_size", self.batch_size), ("seq_len", self.seq_len),
+                           ("read_threads", self.read_threads), ("prefetch", self.prefetch)):  # fmt: skip
+            if value <= 0:
+                raise DataConfigError(f"data.{key} must be > 0, got {value}")
+        for key, value in (("read_workers", self.read_workers), ("holdout_positions", self.holdout_positions),
+                           ("shuffle_buffer", self.shuffle_buffer), ("shuffle_seed", self.shuffle_seed)):  # fmt: skip
+            if value < 0:
+                meaning = " (0 = decode on the read_threads)" if key == "read_workers" else ""
+                raise DataConfigError(f"data.{key} must be >= 0{meaning}, got {value}")
+        # Literal-typed fields are checked by the TOML loader; a config built in code is checked here.
+        if self.truncate_side not in ("left", "right"):
+            raise DataConfigError(f"data.truncate_side must be 'left' or 'right', not {self.truncate_side!r}")
+        if self.empty_sequences not in ("skip", "error"):
+            raise DataConfigError(f"data.empty_sequences must be 'skip' or 'error', not {self.empty_sequences!r}")
+        names: list[str] = []
+        for i, feature in enumerate(self.features):
+            key = f"data.features.{i} ({feature.name})"
+            if feature.name in names:
+                raise DataConfigError(f"{key}: feature name {feature.name!r} appears twice")
+            names.append(feature.name)
+            feature.validate(key)
+        if self.item_feature not in names:
+            raise DataConfigError(f"data.item_feature {self.item_feature!r} is not one of the features {names}")

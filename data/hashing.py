@@ -132,16 +132,8 @@ def _where(feature: FeatureConfig, column: str | None, source: str | None) -> st
 
 
 def check_feature(feature: FeatureConfig) -> None:
-    """Reject a feature configuration that cannot map ids, before any file is read."""
-    if feature.hash_type not in ("none", "murmur", "farm"):
-        raise ValueError(f"feature {feature.name!r}: unknown hash_type {feature.hash_type!r}")
-    if feature.hash_bucket_size < 0:
-        raise ValueError(f"feature {feature.name!r}: hash_bucket_size must be >= 0")
-    if feature.hash_type == "none" and feature.hash_bucket_size == 0 and feature.num_embeddings <= 0:
-        raise ValueError(
-            f"feature {feature.name!r} has integer ids without hash_bucket_size: set num_embeddings "
-            "(ids must lie in [0, num_embeddings)) or a hash_bucket_size"
-        )
+    """Reject a feature configuration that cannot map ids, before any file is read (``FeatureConfig.validate``)."""
+    feature.validate(f"feature {feature.name!r}")
 
 
 def is_supported_leaf(leaf: pa.DataType) -> bool:

@@ -43,7 +43,7 @@ from data import kernels
 from data.batch import SequenceBatch
 from data.config import DataConfig, FeatureConfig
 from data.fs import Location, resolve
-from data.hashing import check_feature, check_leaf_type, is_supported_leaf, map_ids
+from data.hashing import check_leaf_type, is_supported_leaf, map_ids
 
 if TYPE_CHECKING:
     from data.workers import DecodeProcesses
@@ -815,32 +815,9 @@ class SequenceReader:
         logger.info("%s", self.describe())
 
     def _check_config(self) -> None:
-        cfg = self.cfg
-        if not cfg.features:
-            raise ValueError("no features configured")
-        names = [f.name for f in cfg.features]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate feature names: {names}")
-        if cfg.item_feature not in names:
-            raise ValueError(f"item_feature {cfg.item_feature!r} is not one of the features {names}")
-        if cfg.batch_size <= 0 or cfg.seq_len <= 0:
-            raise ValueError(f"batch_size ({cfg.batch_size}) and seq_len ({cfg.seq_len}) must be positive")
-        if cfg.truncate_side not in ("left", "right"):
-            raise ValueError(f"truncate_side must be 'left' or 'right', not {cfg.truncate_side!r}")
-        if cfg.empty_sequences not in ("skip", "error"):
-            raise ValueError(f"empty_sequences must be 'skip' or 'error', not {cfg.empty_sequences!r}")
-        if cfg.read_workers < 0:
-            raise ValueError(f"read_workers must be >= 0 (0 = decode on the read_threads), not {cfg.read_workers}")
-        if cfg.shuffle_buffer < 0 or cfg.shuffle_seed < 0:
-            raise ValueError(
-                f"shuffle_buffer ({cfg.shuffle_buffer}) and shuffle_seed ({cfg.shuffle_seed}) must be >= 0"
-            )
+        self.cfg.validate()
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0 (0 = forever), not {self.epochs}")
-        if cfg.holdout_positions < 0:
-            raise ValueError(f"holdout_positions must be >= 0, not {cfg.holdout_positions}")
-        for feature in cfg.features:
-            check_feature(feature)
 
     def describe(self) -> str:
         """One log line: what this rank reads and how."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data.config import DataConfig, FeatureConfig
+from data.config import DataConfig, DataConfigError, FeatureConfig
 from model.config import ModelConfig
 
 
@@ -234,12 +234,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def validate(cfg: JobConfig) -> None:
     """Checks that need more than one field; each message names the key to change."""
     d, m, t = cfg.data, cfg.model, cfg.train
+    try:
+        d.validate()  # the rules on [data] alone, owned by the data package
+    except DataConfigError as e:
+        raise ConfigError(str(e)) from None
     _positive(
         {
-            "data.batch_size": d.batch_size,
-            "data.seq_len": d.seq_len,
-            "data.read_threads": d.read_threads,
-            "data.prefetch": d.prefetch,
             "model.hidden_size": m.hidden_size,
             "model.num_layers": m.num_layers,
             "model.nhead": m.nhead,
@@ -251,21 +251,15 @@ def validate(cfg: JobConfig) -> None:
             "train.collective_timeout_s": t.collective_timeout_s,
         }
     )
-    if d.read_workers < 0:
-        raise ConfigError(f"data.read_workers must be >= 0 (0 = decode on the read_threads), got {d.read_workers}")
     if d.seq_len < 2:
         raise ConfigError("data.seq_len: next-item training needs at least 2 positions")
     if not d.paths():
         raise ConfigError("data.data_paths: no input files or folders given")
-    if not d.features:
-        raise ConfigError("data.features: at least one feature is required")
     _validate_features(d.features)
     dims = sorted({f.emb_dim for f in d.features})
     if len(dims) > 1:
         # One TorchRec EmbeddingCollection (one pipelined input dist) requires a single embedding width.
         raise ConfigError(f"data.features: all features need the same emb_dim (EmbeddingCollection); got {dims}")
-    if d.item_feature not in {f.name for f in d.features}:
-        raise ConfigError(f"data.item_feature: {d.item_feature!r} is not one of the configured features")
     emb_total = sum(f.emb_dim for f in d.features)
     if m.emb_size != emb_total:
         raise ConfigError(f"model.emb_size = {m.emb_size} but the features' emb_dim add up to {emb_total}")
@@ -290,8 +284,6 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"model.max_positions must be >= 0, got {m.max_positions}")
     if m.attention == "varlen" and t.device == "cpu":
         raise ConfigError("model.attention = 'varlen' is FlashAttention's CUDA kernel; train.device is 'cpu' (use 'auto')")
-    if d.holdout_positions < 0:
-        raise ConfigError(f"data.holdout_positions must be >= 0, got {d.holdout_positions}")
     _validate_targets(cfg)
     _validate_eval(cfg)
 
@@ -373,17 +365,13 @@ def _positive(values: dict[str, float]) -> None:
 
 
 def _validate_features(features: list[FeatureConfig]) -> None:
-    seen: set[str] = set()
+    """Rules on the features' tables (embedding width, rows, sharing, sharding, managed collisions): what
+    the model and the sharding need, beyond what the reader checks (``DataConfig.validate``)."""
     tables: dict[str, FeatureConfig] = {}
     for i, f in enumerate(features):
         key = f"data.features.{i} ({f.name})"
-        if f.name in seen:
-            raise ConfigError(f"{key}: feature name {f.name!r} appears twice")
-        seen.add(f.name)
         if f.emb_dim <= 0:
             raise ConfigError(f"{key}.emb_dim must be > 0")
-        if f.hash_bucket_size < 0:
-            raise ConfigError(f"{key}.hash_bucket_size must be >= 0")
         if f.managed_collision and f.mc_capacity <= 0:
             # RecIS's bucket 0 means an unbounded 63-bit id in a dynamic table; TorchRec tables have fixed
             # rows, so the ids go through a managed-collision module whose capacity must be given (never a
