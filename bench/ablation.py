@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-# Cumulative: each row keeps the fixes above it. The first row is the seed's loss (DESIGN.md §1 bugs 1-4).
+# Cumulative: each row keeps the fixes above it. The first row is the seed's loss (README, "What differs
+# from the seed", fixes 1-4).
 VARIANTS: list[tuple[str, list[str]]] = [
     (
         "seed loss as written (copy shift, padding in the loss, temperature 1, no masking, in-batch only)",

@@ -11,7 +11,7 @@ In one run, on the same files (the built-in sample generator's schema, written t
   ``[data]`` settings, decoding on ``read_threads`` 1 and ``--threads`` threads, and on ``read_workers`` 1
   and ``--threads`` worker processes (each pass includes starting its workers; the forkserver they come
   from is started once, by a warm-up pass);
-* **trainer**: forward + backward + AdamW step of the config's model (``Seq2SeqModel``, unsharded, CPU)
+* **trainer**: forward + backward + AdamW step of the config's model (``NextItemModel``, unsharded, CPU)
   on the reader's batches: the rate at which training consumes data.
 
 Tokens are real (non-padding) positions after truncation to ``seq_len``. Prints a table with the ratios; the
@@ -39,7 +39,7 @@ from data import kernels
 from data.config import DataConfig
 from data.reader import SequenceReader
 from data.sample import SampleParams, generate_table, write_files
-from model.seq2seq import Seq2SeqModel
+from model.next_item import NextItemModel
 from trainer.config import load_config
 from runtime.host import keep_freed_buffers_mapped
 
@@ -130,7 +130,7 @@ def reader_rate(cfg: DataConfig, threads: int, workers: int = 0) -> Rate:
 def trainer_rate(config_path: str, data_cfg: DataConfig, steps: int) -> Rate:
     job = load_config(config_path)
     torch.manual_seed(0)
-    model = Seq2SeqModel(job.data.features, job.model)
+    model = NextItemModel(job.data.features, job.model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.optim.dense_lr)
     batches = list(itertools.islice(SequenceReader(data_cfg, epochs=0), steps + 2))

@@ -5,17 +5,15 @@
 In one invocation, on identical synthetic batches (``SequenceBatch``, sequence lengths uniform in
 ``[seq_len/4, seq_len]``, each batch padded on the right to its longest user, as the reader does):
 
-* **trainer**: the project's machinery. ``Seq2SeqModel`` built on ``meta``, ``trainer.sharding.shard_model``
-  (planner -> ``DistributedModelParallel``, fbgemm's fused sparse optimizer: EXACT_ROWWISE_ADAGRAD on CPU,
-  PARTIAL_ROWWISE_ADAM on CUDA), ``trainer.optim.build_optimizer`` (``CombinedOptimizer`` with AdamW for the
-  dense part), ``TrainPipelineSparseDist`` stepping over ``StepAlignedBatches``, the LR scheduler and the
-  ``MetricLogger``: the body of ``Trainer.train``, in one process with a world-size-1 process group
-  (``trainer.dist.init_distributed``: gloo on CPU, NCCL on CUDA).
-* **baseline**: the same model written as plain PyTorch, no TorchRec: one ``nn.Embedding(rows, dim,
-  sparse=True)`` per table, mean over the values of each position, concatenation, the same projection,
-  pre-LN causal transformer and next-item contrastive loss, all on the padded ``[B, T]`` grid (the textbook
-  way), ``torch.optim.SparseAdam`` for the tables and ``AdamW`` for the dense weights. It is written out in
-  this file on purpose, so that it stays the fixed yardstick while the project's modules change.
+* **trainer**: the project's trainer itself, ``trainer.trainer.Trainer`` built from the shape's job config
+  (``NextItemModel`` on ``meta`` -> planner -> ``DistributedModelParallel`` with fbgemm's fused sparse
+  optimizer: EXACT_ROWWISE_ADAGRAD on CPU, PARTIAL_ROWWISE_ADAM on CUDA; AdamW; ``TrainPipelineSparseDist``;
+  ``model.compile``), fed the synthetic batches instead of a reader and stepped by ``Trainer.train_step``
+  with the loop's metric logging, in one process with a world-size-1 process group (gloo on CPU, NCCL on
+  CUDA).
+* **baseline**: the same model written as plain PyTorch (``bench/baseline.py``): per-table
+  ``nn.Embedding(sparse=True)``, the padded ``[B, T]`` transformer, ``SparseAdam`` + ``AdamW``; the fixed
+  yardstick.
 
 Each path runs in its own subprocess (so that its peak memory is its own); the parent interleaves rounds of
 ``--steps`` steps on the paths and keeps each path's fastest round (the machine may be shared).
@@ -58,184 +56,20 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from bench.baseline import BaselinePath
 from bench.profile_summary import summarize
-from data.batch import PackedLayout, SequenceBatch
-from data.config import DataConfig, FeatureConfig
-from model.config import ModelConfig
-from trainer.config import JobConfig, OptimConfig, TrainConfig
+from bench.train_shape import BATCHES, PRESETS, Shape, batch_tokens, job_config, synthetic_batches, useful_flops
+from data.batch import SequenceBatch
 
 logger = logging.getLogger(__name__)
-
-FEATURES = ("item_id", "cate_id", "behavior_id", "timestamp")
-
-
-# ------------------------------------------------------------------------------------------------ shape
-
-
-@dataclass
-class Shape:
-    """Everything that defines the measured job; both paths are built from one of these."""
-
-    device: str = "cpu"
-    batch: int = 32
-    seq_len: int = 200
-    emb_dim: int = 128
-    item_rows: int = 2_048_000
-    cate_rows: int = 2_048
-    behavior_rows: int = 16
-    timestamp_rows: int = 2_048_000
-    hidden: int = 256
-    layers: int = 2
-    heads: int = 4
-    ffn: int = 1024
-    dropout: float = 0.1
-    # Values per position, uniform in [1, max_values] (1: every position holds one id, as in the seed's data).
-    max_values: int = 1
-    temperature: float = 0.1
-    mask_same_item: bool = False
-    # The loss's negatives (model.in_batch_negatives, ...): both paths train the same loss.
-    in_batch_negatives: str = "sampled"
-    num_in_batch_negatives: int = 128
-    in_batch_group_size: int = 64
-    bf16: bool = True
-    # Trainer path only: model.attention and model.compile ("auto", "true" or "false").
-    attention: str = "auto"
-    compile: str = "auto"
-    dense_lr: float = 1e-3
-    sparse_lr: float = 1e-3
-    log_steps: int = 10
-    # Distinct batches, cycled; both paths see them in the same order.
-    num_batches: int = 8
-    seed: int = 2025
-    threads: int = 0  # torch intra-op threads per path (0: all cores)
-
-    @property
-    def emb_size(self) -> int:
-        return self.emb_dim * len(FEATURES)
-
-    def rows(self) -> dict[str, int]:
-        return dict(zip(FEATURES, (self.item_rows, self.cate_rows, self.behavior_rows, self.timestamp_rows)))
-
-
-# The seed's ModelConfig and batch (configs/seq2seq.toml) for CUDA; a smaller transformer for a CPU box.
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(seq_len=200, emb_dim=128, hidden=256, layers=2, heads=4, ffn=1024),
-    "cuda": dict(seq_len=1024, emb_dim=128, hidden=1024, layers=8, heads=8, ffn=1024),
-}
-# Users per step, one run each: the seed's 16 on CUDA, and 64 to show what a larger batch does per token.
-BATCHES = {"cpu": "32", "cuda": "16,64"}
-
-
-def features(shape: Shape) -> list[FeatureConfig]:
-    # Plain tables with a bucket (behavior_id too: the seed's bucket-0 managed-collision table has no
-    # plain-PyTorch counterpart, and 16 rows is what a behaviour vocabulary needs).
-    return [FeatureConfig(name=n, emb_dim=shape.emb_dim, hash_bucket_size=r) for n, r in shape.rows().items()]
-
-
-def model_config(shape: Shape) -> ModelConfig:
-    return ModelConfig(
-        hidden_size=shape.hidden, num_layers=shape.layers, nhead=shape.heads, dim_feedforward=shape.ffn,
-        dropout=shape.dropout, emb_size=shape.emb_size, temperature=shape.temperature,
-        mask_same_item=shape.mask_same_item, bf16=shape.bf16,
-        in_batch_negatives=shape.in_batch_negatives,  # type: ignore[arg-type]
-        num_in_batch_negatives=shape.num_in_batch_negatives, in_batch_group_size=shape.in_batch_group_size,
-        attention=shape.attention,  # type: ignore[arg-type]
-        compile={"true": True, "false": False}.get(shape.compile, "auto"),  # type: ignore[arg-type]
-    )  # fmt: skip
-
-
-def job_config(shape: Shape, output_dir: str) -> JobConfig:
-    data = DataConfig(
-        data_paths="synthetic", batch_size=shape.batch, seq_len=shape.seq_len, features=features(shape)
-    )
-    optim = OptimConfig(dense_lr=shape.dense_lr, sparse_lr=shape.sparse_lr)
-    train = TrainConfig(
-        output_dir=output_dir, train_steps=0, train_epochs=1, log_steps=shape.log_steps, seed=shape.seed,
-        device=shape.device, progress_bar=False,  # type: ignore[arg-type]
-    )  # fmt: skip
-    return JobConfig(data=data, model=model_config(shape), optim=optim, train=train)
-
-
-# ---------------------------------------------------------------------------------------------- batches
-
-
-def synthetic_batches(shape: Shape) -> list[SequenceBatch]:
-    """``shape.num_batches`` deterministic batches in the reader's layout (one bag per position)."""
-    rng = np.random.default_rng(shape.seed)
-    return [_batch(shape, rng) for _ in range(shape.num_batches)]
-
-
-def _batch(shape: Shape, rng: np.random.Generator) -> SequenceBatch:
-    lengths = rng.integers(max(2, shape.seq_len // 4), shape.seq_len + 1, size=shape.batch)
-    width = int(lengths.max())  # padded to the longest user, like data.reader.build_batches
-    real = (np.arange(width)[None, :] < lengths[:, None]).ravel()  # [B*T] real positions
-    bag_lengths, values = [], []
-    for name, rows in shape.rows().items():
-        per_bag = np.where(real, rng.integers(1, shape.max_values + 1, size=real.size), 0)
-        bag_lengths.append(per_bag)
-        values.append(_ids(name, rows, int(per_bag.sum()), rng))
-    item_first = np.cumsum(bag_lengths[0]) - bag_lengths[0]  # offset of each bag's first item id
-    item_ids = np.where(real, values[0][np.minimum(item_first, len(values[0]) - 1)], -1)
-    # cate_id of a position follows its item (as a category does), one value per item value.
-    if shape.max_values == 1:
-        values[1] = values[0] % shape.cate_rows
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    kjt = KeyedJaggedTensor(
-        keys=list(FEATURES),
-        values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
-        lengths=torch.from_numpy(np.concatenate(bag_lengths).astype(np.int32)),
-        stride=shape.batch * width,
-    )
-    return SequenceBatch(
-        sparse_features=kjt,
-        seq_lengths=torch.from_numpy(lengths.astype(np.int64)),
-        item_ids=torch.from_numpy(item_ids.reshape(shape.batch, width).astype(np.int64)),
-    )
-
-
-def _ids(name: str, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    if name == "item_id":
-        # Popularity ~ 1/rank (log-uniform ranks), scattered over the table by a bijective multiplicative
-        # hash so that popular rows are not neighbours.
-        ranks = np.floor(np.power(float(rows), rng.random(n))).astype(np.int64) - 1
-        return (ranks * 2_654_435_761) % rows
-    if name == "behavior_id":  # mostly page views, a few carts, favourites, buys
-        return rng.choice(4, size=n, p=[0.85, 0.08, 0.04, 0.03]) % rows
-    return rng.integers(0, rows, size=n)  # hashed strings: uniform over the buckets
-
-
-def batch_tokens(batch: SequenceBatch) -> int:
-    return int(batch.seq_lengths.sum())
-
-
-def loss_columns(shape: Shape, pairs: int) -> int:
-    """Logits per query: the positive and its in-batch negatives."""
-    if shape.in_batch_negatives == "all":
-        return pairs
-    return 1 + (shape.num_in_batch_negatives if shape.in_batch_negatives == "sampled" else 0)
-
-
-def useful_flops(shape: Shape, batch: SequenceBatch) -> float:
-    """Matmul FLOPs of forward + backward on the real tokens (module docstring)."""
-    h, lengths = shape.hidden, batch.seq_lengths.double()
-    params = shape.emb_size * h + shape.layers * (4 * h * h + 2 * h * shape.ffn)
-    tokens = float(lengths.sum())
-    pairs = PackedLayout.from_batch(batch.seq_lengths, batch.item_ids).num_pairs
-    attention = 6 * shape.layers * h * float((lengths**2).sum())
-    return 6 * params * tokens + attention + 6 * h * pairs * loss_columns(shape, pairs)
-
 
 # ----------------------------------------------------------------------------------------- trainer path
 
 
 class _Cycle:
-    """Stands in for the ``SequenceReader`` that ``StepAlignedBatches`` iterates: the batches, forever."""
+    """The synthetic batches, round and round: the trainer's data source in place of a reader."""
 
     def __init__(self, batches: list[SequenceBatch]) -> None:
         self._batches = batches
@@ -245,230 +79,34 @@ class _Cycle:
 
 
 class TrainerPath:
-    """The project's training step: ``Trainer.train``'s loop body on a sharded model, one rank."""
+    """The project's trainer, one rank: ``trainer.trainer.Trainer`` built from the shape's job config (meta ->
+    plan -> DMP -> pipeline, compile, fused optimizers), fed the synthetic batches, stepped by its own
+    ``train_step`` with the loop's metric logging every ``log_steps``."""
 
     name = "trainer"
 
     def __init__(self, shape: Shape, batches: list[SequenceBatch], output_dir: str) -> None:
-        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-        from model.seq2seq import Seq2SeqModel
-        from trainer.compile import compile_transformer
         from trainer.dist import init_distributed
-        from trainer.metrics import MetricLogger
-        from trainer.optim import build_optimizer, build_scheduler
-        from trainer.sharding import shard_model
-        from trainer.trainer import StepAlignedBatches, TrainStep, seed_everything
+        from trainer.trainer import Trainer
 
         self.shape = shape
-        cfg = job_config(shape, output_dir)
         self.ctx = init_distributed(shape.device)
-        seed_everything(cfg.train.seed, self.ctx.rank)
-        model = TrainStep(Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta")))
-        self.model = shard_model(model, cfg, self.ctx)
-        compile_transformer(self.model, cfg.model, self.ctx.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
-        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.ctx.device)
-        self.metrics = MetricLogger(self.ctx, Path(output_dir), 0, progress_bar=False)
-        self.batches = StepAlignedBatches(_Cycle(batches), self.ctx)  # type: ignore[arg-type]
-        self.step_count = 0
+        self.trainer = Trainer(job_config(shape, output_dir), self.ctx, batches=_Cycle(batches))
+        self.model = self.trainer.model
+        self._feed = self.trainer.batches.until(None)
         self.model.train()
 
     def step(self) -> torch.Tensor:
-        out = self.pipeline.progress(self.batches)
-        self.step_count += 1
-        self.scheduler.step()
-        self.metrics.update(out, self.step_count)
-        if self.step_count % self.shape.log_steps == 0:
-            self.metrics.log(self.step_count)
+        out = self.trainer.train_step(self._feed)
+        if self.trainer.step % self.shape.log_steps == 0:
+            self.trainer.metrics.log(self.trainer.step)
         return out.loss.detach()
 
     def close(self) -> None:
         from trainer.dist import destroy_distributed
 
-        self.metrics.close()
+        self.trainer.close()
         destroy_distributed()
-
-
-# ---------------------------------------------------------------------------------------- baseline path
-
-
-class PlainAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.nhead = cfg.nhead
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = (y.view(b, t, self.nhead, -1).transpose(1, 2) for y in self.qkv(x).split(h, dim=2))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.dropout(self.proj(self.dropout(out.transpose(1, 2).reshape(b, t, h))))
-
-
-class PlainBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size)
-        self.attn = PlainAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size)
-        self.ffn = nn.Module()
-        self.ffn.net = nn.Sequential(  # same parameter names as model.transformer.FeedForward
-            nn.Linear(cfg.hidden_size, cfg.dim_feedforward),
-            nn.GELU(),
-            nn.Linear(cfg.dim_feedforward, cfg.hidden_size),
-            nn.Dropout(cfg.dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn.net(self.norm2(x))
-
-
-class PlainDecoder(nn.Module):
-    """Projection + pre-LN causal transformer + final LN on the padded ``[B, T]`` grid; parameter names
-    match ``model.seq2seq.Seq2SeqDecoder``'s, so its state dict loads here."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.proj = nn.Linear(cfg.emb_size, cfg.hidden_size)
-        self.transformer = nn.Module()
-        self.transformer.layers = nn.ModuleList(PlainBlock(cfg) for _ in range(cfg.num_layers))
-        self.transformer.final_norm = nn.LayerNorm(cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16 and x.is_cuda):
-            targets = self.proj(x)
-            hidden = targets
-            for layer in self.transformer.layers:
-                hidden = layer(hidden)
-            hidden = self.transformer.final_norm(hidden)
-        return hidden, targets
-
-
-def plain_contrastive_loss(
-    hidden: torch.Tensor, targets: torch.Tensor, seq_lengths: torch.Tensor, item_ids: torch.Tensor, cfg: ModelConfig
-) -> torch.Tensor:
-    """Next-item cross-entropy over cosine logits, padding masked (the project's loss, written plainly: every
-    logit materialised in fp32, no chunks, autograd keeps them all)."""
-    t = item_ids.shape[1]
-    valid = (torch.arange(t - 1, device=item_ids.device) < (seq_lengths.unsqueeze(1) - 1)) & (item_ids[:, 1:] >= 0)
-    queries = F.normalize(hidden[:, :-1][valid].float(), dim=-1, eps=1e-6) / cfg.temperature
-    keys = F.normalize(targets[:, 1:][valid].float(), dim=-1, eps=1e-6)
-    ids = item_ids[:, 1:][valid]
-    if cfg.in_batch_negatives == "sampled":
-        return _plain_sampled_loss(queries, keys, ids, cfg)
-    logits = queries @ keys.t()
-    if cfg.mask_same_item:
-        same = ids.unsqueeze(0) == ids.unsqueeze(1)
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(queries.shape[0], device=logits.device))
-
-
-def _plain_sampled_loss(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """K in-batch targets drawn per group of queries: the groups' logits by one batched product, [P, 1 + K]."""
-    num, group, draws = q.shape[0], cfg.in_batch_group_size, cfg.num_in_batch_negatives
-    groups = -(-num // group)
-    drawn = torch.randint(0, num, (groups, draws), device=q.device)
-    padded = F.pad(q, (0, 0, 0, groups * group - num)).view(groups, group, -1)
-    logits = torch.bmm(padded, k[drawn].transpose(1, 2)).reshape(groups * group, draws)[:num]
-    per_query = drawn.repeat_interleave(group, dim=0)[:num]
-    masked = per_query == torch.arange(num, device=q.device).unsqueeze(1)  # a query's own target
-    if cfg.mask_same_item:
-        masked |= ids[per_query] == ids.unsqueeze(1)
-    logits = torch.cat([(q * k).sum(-1, keepdim=True), logits.masked_fill(masked, float("-inf"))], dim=1)
-    return F.cross_entropy(logits, torch.zeros(num, dtype=torch.long, device=q.device))
-
-
-class PlainSeq2Seq(nn.Module):
-    """The whole model in plain PyTorch: per-table ``nn.Embedding(sparse=True)``, per-position mean."""
-
-    def __init__(self, shape: Shape, device: torch.device) -> None:
-        super().__init__()
-        from model.sparse import trunc_normal_init_
-
-        cfg = model_config(shape)
-        self.embeddings = nn.ModuleDict(
-            {name: nn.Embedding(rows, shape.emb_dim, sparse=True, device=device) for name, rows in shape.rows().items()}
-        )
-        for table in self.embeddings.values():
-            trunc_normal_init_(table.weight)  # the seed's TruncNormal(std=0.001), as the trainer's tables
-        self.dense = PlainDecoder(model_config(shape)).to(device)
-        self.cfg = cfg
-
-    def embed(self, batch: SequenceBatch, values_per_feature: list[int]) -> torch.Tensor:
-        """``values_per_feature``: the batch's value count of each feature, known on the host (no device sync)."""
-        kjt = batch.sparse_features
-        num_bags = batch.item_ids.numel()
-        lengths = kjt.lengths().view(len(FEATURES), num_bags).long()
-        per_feature = kjt.values().split(values_per_feature)
-        bag = torch.arange(num_bags, device=lengths.device)
-        pooled = []
-        for name, values, n in zip(FEATURES, per_feature, lengths, strict=True):
-            rows = self.embeddings[name](values)
-            bag_of_row = bag.repeat_interleave(n, output_size=values.numel())
-            summed = rows.new_zeros(num_bags, rows.shape[-1]).index_add_(0, bag_of_row, rows)
-            pooled.append(summed / n.clamp(min=1).unsqueeze(-1).to(rows.dtype))
-        return torch.cat(pooled, dim=-1)
-
-    def forward(self, batch: SequenceBatch, values_per_feature: list[int]) -> torch.Tensor:
-        x = self.embed(batch, values_per_feature).view(*batch.item_ids.shape, -1)
-        hidden, targets = self.dense(x)
-        return plain_contrastive_loss(hidden, targets, batch.seq_lengths, batch.item_ids, self.cfg)
-
-
-class BaselinePath:
-    """Plain PyTorch: forward, backward, SparseAdam on the tables, AdamW on the dense weights."""
-
-    name = "baseline"
-
-    def __init__(self, shape: Shape, batches: list[SequenceBatch], malloc_tuned: bool = False) -> None:
-        if malloc_tuned:  # the trainer's process setting (runtime/host.py), to tell its share of the gap
-            from runtime.host import keep_freed_buffers_mapped
-
-            keep_freed_buffers_mapped()
-        torch.manual_seed(shape.seed)
-        self.device = torch.device(shape.device)
-        self.model = PlainSeq2Seq(shape, self.device)
-        self.model.train()
-        optim = OptimConfig(dense_lr=shape.dense_lr, sparse_lr=shape.sparse_lr)
-        self.sparse = torch.optim.SparseAdam(
-            list(self.model.embeddings.parameters()), lr=optim.sparse_lr,
-            betas=(optim.sparse_beta1, optim.sparse_beta2), eps=optim.sparse_eps,
-        )  # fmt: skip
-        self.dense = torch.optim.AdamW(
-            self.model.dense.parameters(), lr=optim.dense_lr, betas=tuple(optim.dense_betas),  # type: ignore[arg-type]
-            eps=optim.dense_eps, weight_decay=optim.dense_weight_decay,
-        )  # fmt: skip
-        # Pinned host batches copied per step, as the trainer's pipeline does (a no-op on CPU).
-        pinned = self.device.type == "cuda"
-        self._batches = itertools.cycle(
-            [(b.pin_memory() if pinned else b, _values_per_feature(b)) for b in batches]
-        )
-
-    def step(self) -> torch.Tensor:
-        host_batch, values_per_feature = next(self._batches)
-        batch = host_batch.to(self.device, non_blocking=True)
-        self.sparse.zero_grad(set_to_none=True)
-        self.dense.zero_grad(set_to_none=True)
-        loss = self.model(batch, values_per_feature)
-        loss.backward()
-        self.sparse.step()
-        self.dense.step()
-        return loss.detach()
-
-    def close(self) -> None:
-        pass
-
-
-def _values_per_feature(batch: SequenceBatch) -> list[int]:
-    lengths = batch.sparse_features.lengths().view(len(FEATURES), -1)
-    return lengths.sum(dim=1).tolist()
 
 
 def copy_trainer_weights(trainer: TrainerPath, baseline: BaselinePath) -> None:

@@ -29,19 +29,9 @@ class FeatureConfig:
     hash_bucket_size: int = 0
     # Rows of the table when hash_bucket_size is 0 and ids are already dense integers.
     num_embeddings: int = 0
-    # Features with the same shard_name share one embedding table (seed semantics).
+    # The embedding table this feature reads (the seed's name for it): features with the same one share its
+    # rows. Empty = a table of its own, named after the feature.
     shard_name: str = ""
-    # --- Sharding constraints of this feature's table, read by TorchRec's planner (trainer/sharding.py).
-    # Features sharing a table must not disagree. Empty / 0 leaves the choice to the planner.
-    # Allowed sharding types: "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise".
-    sharding_types: list[str] = field(default_factory=list)
-    # Allowed compute kernels: "fused", "fused_uvm", "fused_uvm_caching", "dense" (CPU runs use "fused", and
-    # "dense" only for data_parallel: see trainer/sharding.py).
-    compute_kernels: list[str] = field(default_factory=list)
-    # Share of the table's rows kept in the HBM cache with fused_uvm_caching (0 = planner default, 0.2).
-    cache_load_factor: float = 0.0
-    # Ids per bag (per position) the planner assumes when it estimates communication and lookups.
-    pooling_factor: float = 1.0
     # --- Managed collisions (hash_bucket_size = 0 with a hash: unbounded 63-bit ids, RecIS's dynamic table).
     # Table rows: ids are admitted into these slots (MCH, no collisions) until they are full; then the
     # eviction policy frees slots of rarely/long-unseen ids every mc_eviction_interval steps.
@@ -65,6 +55,11 @@ class FeatureConfig:
                 f"{key} has integer ids without hash_bucket_size: set num_embeddings "
                 "(ids must lie in [0, num_embeddings)) or a hash_bucket_size"
             )
+
+    @property
+    def table(self) -> str:
+        """Name of the embedding table this feature looks up (``shard_name``)."""
+        return self.shard_name
 
     @property
     def table_rows(self) -> int:

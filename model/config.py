@@ -45,7 +45,7 @@ class ModelConfig:
     # inputs (SASRec uses learned positions too); distances >= max_positions share the last row. 0 = none,
     # as in the seed (the causal mask alone then carries order).
     max_positions: int = 0
-    # For ablations only: put back bugs of the seed's loss (DESIGN.md §1). "copy_shift" pairs the query
+    # For ablations only: put back bugs of the seed's loss (README, "What differs from the seed"). "copy_shift" pairs the query
     # at t+1 with the item at t (which causal attention lets the model copy); "padding" lets padded
     # positions enter the loss as queries and targets.
     seed_loss_bugs: list[Literal["copy_shift", "padding"]] = field(default_factory=list)

@@ -52,13 +52,13 @@ def trunc_normal_init_(weight: torch.Tensor, generator: torch.Generator | None =
 
 
 def embedding_configs(features: list[FeatureConfig]) -> list[EmbeddingConfig]:
-    """One table per ``shard_name``; features that share a shard_name share the table's rows."""
+    """One table per ``FeatureConfig.table`` (the seed's ``shard_name``); features that share it share its rows."""
     tables: dict[str, EmbeddingConfig] = {}
     for f in features:
-        table = tables.get(f.shard_name)
+        table = tables.get(f.table)
         if table is None:
-            tables[f.shard_name] = EmbeddingConfig(
-                name=f.shard_name,
+            tables[f.table] = EmbeddingConfig(
+                name=f.table,
                 embedding_dim=f.emb_dim,
                 num_embeddings=f.table_rows,
                 feature_names=[f.name],
@@ -196,7 +196,7 @@ def managed_collision_collection(
     """An MC-EC over bucket-0 features: each table gets an MCH module of ``mc_capacity`` rows."""
     device = device or torch.device("cpu")
     tables = embedding_configs(features)
-    settings = {f.shard_name: f for f in features}
+    settings = {f.table: f for f in features}
     modules: dict[str, MCHManagedCollisionModule] = {}
     for table in tables:
         f = settings[table.name]

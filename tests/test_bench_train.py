@@ -10,15 +10,9 @@ import tempfile
 import pytest
 import torch
 
-from bench.bench_train import (
-    BaselinePath,
-    Shape,
-    TrainerPath,
-    copy_trainer_weights,
-    model_config,
-    plain_contrastive_loss,
-    synthetic_batches,
-)
+from bench.baseline import BaselinePath, plain_contrastive_loss
+from bench.bench_train import TrainerPath, copy_trainer_weights
+from bench.train_shape import Shape, model_config, synthetic_batches
 from model.loss import NegativeSpec, reference_loss
 
 TINY = Shape(

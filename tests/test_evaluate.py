@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from data.config import DataConfig, FeatureConfig
 from model.config import ModelConfig
 from trainer.config import ConfigError, EvalConfig, JobConfig, TrainConfig, validate
-from trainer.evaluate import _draw_excluding, eval_data_config, ranking_metrics
+from trainer.evaluator import _draw_excluding, eval_data_config, ranking_metrics
 
 # Zero-mean rows (so LayerNorm only rescales them); cosines with row 0 are 1, .707, 0, -1, .5, -.5, 0, 0.
 VECTORS = np.array(
@@ -184,17 +184,17 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, runs: list[di
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
-    from model.seq2seq import Seq2SeqModel
+    from model.next_item import NextItemModel
     from trainer.dist import destroy_distributed, init_distributed
-    from trainer.evaluate import Evaluator
+    from trainer.evaluator import Evaluator
     from trainer.sharding import shard_model
-    from trainer.trainer import TrainStep
+    from trainer.build import TrainStep
 
     ctx = init_distributed("cpu", timeout_s=60)
     results = []
     try:
         base = _job(data)
-        model = Seq2SeqModel(base.data.features, base.model, torch.device("meta"), "item_id")
+        model = NextItemModel(base.data.features, base.model, torch.device("meta"), "item_id")
         dmp = shard_model(TrainStep(model), base, ctx)
         _make_transparent(dmp)
         for run in runs:

@@ -12,7 +12,7 @@ from data.batch import SequenceBatch, negatives_key, with_negatives
 from data.config import FeatureConfig
 from model.config import ModelConfig
 from model.loss import next_item_contrastive_loss, next_item_mask
-from model.seq2seq import Seq2SeqModel
+from model.next_item import NextItemModel
 from model.sparse import EMBEDDING_INIT_STD, SparseArch
 
 
@@ -134,7 +134,7 @@ def test_sparse_arch_initialises_with_truncated_normal() -> None:
 def test_seq2seq_forward_backward_shapes() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=16, num_layers=2, nhead=2, dim_feedforward=32, dropout=0.0, emb_size=12)
-    model = Seq2SeqModel(FEATURES, cfg)
+    model = NextItemModel(FEATURES, cfg)
     # 2 users x T=3 positions; user 1 has 2 real positions.
     kjt = _kjt(
         [
@@ -154,7 +154,7 @@ def test_seq2seq_forward_backward_shapes() -> None:
 def test_model_builds_on_meta_without_allocating() -> None:
     cfg = ModelConfig(hidden_size=1024, num_layers=8, nhead=8, dim_feedforward=1024, emb_size=512)
     big = [FeatureConfig(name=n, emb_dim=128, hash_bucket_size=2_048_000) for n in ("a", "b", "c", "d")]
-    model = Seq2SeqModel(big, cfg, device=torch.device("meta"))
+    model = NextItemModel(big, cfg, device=torch.device("meta"))
     assert all(p.is_meta for p in model.parameters())
 
 
@@ -165,7 +165,7 @@ def test_item_only_targets_use_the_input_projection_on_item_columns() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, dropout=0.0, emb_size=12,
                       target_features=["item_id"])  # fmt: skip
-    model = Seq2SeqModel(FEATURES, cfg, item_feature="item_id")
+    model = NextItemModel(FEATURES, cfg, item_feature="item_id")
     emb = torch.randn(6, 12)
     _, targets = model.dense.encode(emb, torch.Size([2, 3]))
     # What proj gives when every other feature's embedding is zero.
@@ -177,7 +177,7 @@ def test_item_only_targets_use_the_input_projection_on_item_columns() -> None:
 
 def test_items_need_item_only_targets_for_a_representation() -> None:
     cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, emb_size=12)
-    model = Seq2SeqModel(FEATURES, cfg)
+    model = NextItemModel(FEATURES, cfg)
     with pytest.raises(ValueError, match="target_features"):
         model.dense.item_representation(torch.zeros(1, 4))
 
@@ -212,7 +212,7 @@ def test_model_with_sampled_negatives_trains_their_rows() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, dropout=0.0, emb_size=12,
                       target_features=["item_id"], num_negatives=3, temperature=0.1)  # fmt: skip
-    model = Seq2SeqModel(FEATURES, cfg, item_feature="item_id")
+    model = NextItemModel(FEATURES, cfg, item_feature="item_id")
     kjt = _kjt([[[1], [2], [3], [4]], [[0], [1], [2], [3]], [[0], [1], [2], [3]]])
     batch = SequenceBatch(kjt, seq_lengths=torch.tensor([2, 2]), item_ids=torch.tensor([[1, 2], [3, 4]]))
     batch = with_negatives(batch, negatives_key("item_id"), torch.tensor([8, 9, 2]))
@@ -228,7 +228,7 @@ def test_position_embeddings_count_from_the_newest_item() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=8, num_layers=1, nhead=2, dim_feedforward=8, dropout=0.0, emb_size=12,
                       max_positions=4)  # fmt: skip
-    model = Seq2SeqModel(FEATURES, cfg)
+    model = NextItemModel(FEATURES, cfg)
     model.dense.position.reset_parameters()
     emb = torch.randn(2 * 5, 12)
     # Two users with 5 and 3 real positions: both newest items get distance 0, so the same embedding row.

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data.config import FeatureConfig
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, JobFeatureConfig, load_config
 from trainer.plan import PlanDoesNotFitError, dry_run, main
 from trainer.sharding import table_constraints
 
@@ -72,11 +71,11 @@ def test_cli_exit_codes_and_text_output() -> None:
 
 def test_table_constraints_per_device() -> None:
     features = [
-        FeatureConfig(name="a", hash_bucket_size=10, pooling_factor=2.0, compute_kernels=["fused_uvm_caching"],
-                      cache_load_factor=0.3),
-        FeatureConfig(name="b", hash_bucket_size=10, shard_name="a", pooling_factor=2.0,
-                      compute_kernels=["fused_uvm_caching"], cache_load_factor=0.3),
-        FeatureConfig(name="m", hash_type="murmur", mc_capacity=64),
+        JobFeatureConfig(name="a", hash_bucket_size=10, pooling_factor=2.0, compute_kernels=["fused_uvm_caching"],
+                         cache_load_factor=0.3),
+        JobFeatureConfig(name="b", hash_bucket_size=10, shard_name="a", pooling_factor=2.0,
+                         compute_kernels=["fused_uvm_caching"], cache_load_factor=0.3),
+        JobFeatureConfig(name="m", hash_type="murmur", mc_capacity=64),
     ]  # fmt: skip
     cuda = table_constraints(features, "cuda")
     assert cuda["a"].compute_kernels == ["fused_uvm_caching"]

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data.config import DataConfig, FeatureConfig
-from trainer.config import JobConfig, OptimConfig
+from trainer.config import JobConfig, JobFeatureConfig, OptimConfig
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def _table_types(sharding_type: str) -> dict[str, tuple[str, str]]:
     return {t: (sharding_type, "fused") for t in ROWS}
 
 
-def _features(sharding_type: str) -> list[FeatureConfig]:
+def _features(sharding_type: str) -> list[JobFeatureConfig]:
     types = _table_types(sharding_type)
 
     def constraints(table: str) -> dict[str, Any]:
@@ -60,11 +60,11 @@ def _features(sharding_type: str) -> list[FeatureConfig]:
 
     return [
         # Two features reading one table (the seed's shard_name).
-        FeatureConfig(name="item_id", hash_bucket_size=ROWS["item_table"], shard_name="item_table",
-                      **constraints("item_table")),
-        FeatureConfig(name="cate_id", hash_bucket_size=ROWS["cate_id"], **constraints("cate_id")),
-        FeatureConfig(name="item_id2", hash_bucket_size=ROWS["item_table"], shard_name="item_table",
-                      **constraints("item_table")),
+        JobFeatureConfig(name="item_id", hash_bucket_size=ROWS["item_table"], shard_name="item_table",
+                         **constraints("item_table")),
+        JobFeatureConfig(name="cate_id", hash_bucket_size=ROWS["cate_id"], **constraints("cate_id")),
+        JobFeatureConfig(name="item_id2", hash_bucket_size=ROWS["item_table"], shard_name="item_table",
+                         **constraints("item_table")),
     ]  # fmt: skip
 
 
@@ -276,12 +276,12 @@ def _mc_worker(rank: int, store_path: str, out_dir: str) -> None:
 
     from data.batch import SequenceBatch
     from model.config import ModelConfig
-    from model.seq2seq import Seq2SeqModel
+    from model.next_item import NextItemModel
     from model.sparse import SparseArch, managed_collision_stats
     from trainer.dist import DistContext
     from trainer.optim import build_optimizer
     from trainer.sharding import make_planner, make_sharders, prepare_for_planning, shard_model
-    from trainer.trainer import TrainStep
+    from trainer.build import TrainStep
 
     _init_group(rank, store_path, WORLD)
     result: dict[str, Any] = {}
@@ -325,7 +325,7 @@ def _mc_worker(rank: int, store_path: str, out_dir: str) -> None:
         pipeline_logger.addHandler(_Keep())
         model_cfg = ModelConfig(hidden_size=16, num_layers=1, nhead=2, dim_feedforward=16, dropout=0.0, emb_size=32)
         ctx = DistContext(rank, WORLD, rank, WORLD, device, "gloo", dist.group.WORLD)
-        model = shard_model(TrainStep(Seq2SeqModel(MC_FEATURES, model_cfg, device=torch.device("meta"))), cfg, ctx)
+        model = shard_model(TrainStep(NextItemModel(MC_FEATURES, model_cfg, device=torch.device("meta"))), cfg, ctx)
         pipeline = TrainPipelineSparseDist(model, build_optimizer(model, OPTIM), device)
 
         def batches() -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -55,7 +56,7 @@ def signature(cfg: JobConfig) -> dict[str, Any]:
     """Everything whose change makes saved tensors unusable: table shapes and the dense model's sizes."""
     tables: dict[str, dict[str, Any]] = {}
     for f in cfg.data.features:
-        table = tables.setdefault(f.shard_name, {"rows": f.table_rows, "emb_dim": f.emb_dim, "features": []})
+        table = tables.setdefault(f.table, {"rows": f.table_rows, "emb_dim": f.emb_dim, "features": []})
         table["features"].append(f.name)
     m = cfg.model
     dense = {k: getattr(m, k) for k in ("hidden_size", "num_layers", "nhead", "dim_feedforward", "emb_size")}
@@ -218,3 +219,31 @@ class CheckpointManager:
         if self.ctx.is_main:
             logger.info("loaded checkpoint %s (step %d) in %.2fs", path, meta["step"], time.perf_counter() - start)
         return Restored(step=int(meta["step"]), path=path, meta=meta, rank_state=rank_state)
+
+
+class BestCheckpoint:
+    """Tracks the best validation value (higher is better: every metric here is) and marks it in
+    ``output_dir/best.json``, which survives restarts."""
+
+    def __init__(self, output_dir: Path, metric: str) -> None:
+        self.file = output_dir / "best.json"
+        self.metric = metric
+        self.value = -math.inf
+        self.path: Path | None = None
+        if self.file.is_file():
+            saved = json.loads(self.file.read_text())
+            if saved.get("metric") == metric:
+                self.value = float(saved["value"])
+                self.path = Path(saved["checkpoint"]) if saved.get("checkpoint") else None
+
+    def improves(self, value: float) -> bool:
+        return value > self.value
+
+    def mark(self, step: int, value: float, checkpoint: Path | None) -> None:
+        self.value, self.path = value, checkpoint
+        record = {"metric": self.metric, "value": value, "step": step, "checkpoint": str(checkpoint or "")}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(self.file)  # atomic: a reader never sees half a file
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (train.save_steps = 0)"
+        logger.info("new best %s %.4f at step %d: %s", self.metric, value, step, where)

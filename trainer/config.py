@@ -24,6 +24,47 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the offending key."""
 
 
+ShardingType = Literal["table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise"]
+ComputeKernel = Literal["fused", "fused_uvm", "fused_uvm_caching", "dense"]
+
+
+@dataclass
+class JobFeatureConfig(FeatureConfig):
+    """A ``[[data.features]]`` table of a job: what the reader needs (``FeatureConfig``) plus the sharding
+    constraints of the feature's table, read by TorchRec's planner (``trainer/sharding.py``). Features sharing
+    a table must agree on them. Empty / 0 leaves the choice to the planner."""
+
+    sharding_types: list[ShardingType] = field(default_factory=list)
+    # CPU runs use "fused", and "dense" only for data_parallel (trainer/sharding.py).
+    compute_kernels: list[ComputeKernel] = field(default_factory=list)
+    # Share of the table's rows kept in the HBM cache with fused_uvm_caching (0 = planner default, 0.2).
+    cache_load_factor: float = 0.0
+    # Ids per bag (per position) the planner assumes when it estimates communication and lookups.
+    pooling_factor: float = 1.0
+
+    @classmethod
+    def of(cls, feature: FeatureConfig) -> JobFeatureConfig:
+        """``feature`` as a job feature (the planner's defaults where it has no sharding settings)."""
+        if isinstance(feature, cls):
+            return feature
+        return cls(**{f.name: getattr(feature, f.name) for f in dataclasses.fields(FeatureConfig)})
+
+
+@dataclass
+class JobDataConfig(DataConfig):
+    """The ``[data]`` section of a job: the reader's settings, its features with their tables' sharding."""
+
+    features: list[JobFeatureConfig] = field(default_factory=list)  # type: ignore[assignment]
+
+    @classmethod
+    def of(cls, data: DataConfig) -> JobDataConfig:
+        if isinstance(data, cls) and all(isinstance(f, JobFeatureConfig) for f in data.features):
+            return data
+        values = {f.name: getattr(data, f.name) for f in dataclasses.fields(DataConfig)}
+        values["features"] = [JobFeatureConfig.of(f) for f in data.features]
+        return cls(**values)
+
+
 @dataclass
 class OptimConfig:
     # Dense (transformer) parameters: AdamW, as in the seed.
@@ -110,11 +151,16 @@ class EvalConfig:
 
 @dataclass
 class JobConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: JobDataConfig = field(default_factory=JobDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # A config built in code may hold the reader's plain DataConfig / FeatureConfig: the job's own types
+        # (with the planner's defaults) keep every consumer on one type.
+        self.data = JobDataConfig.of(self.data)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,6 +279,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def validate(cfg: JobConfig) -> None:
     """Checks that need more than one field; each message names the key to change."""
+    cfg.data = JobDataConfig.of(cfg.data)  # features added in code after construction may be plain ones
     d, m, t = cfg.data, cfg.model, cfg.train
     try:
         d.validate()  # the rules on [data] alone, owned by the data package
@@ -364,10 +411,10 @@ def _positive(values: dict[str, float]) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
 
 
-def _validate_features(features: list[FeatureConfig]) -> None:
+def _validate_features(features: list[JobFeatureConfig]) -> None:
     """Rules on the features' tables (embedding width, rows, sharing, sharding, managed collisions): what
     the model and the sharding need, beyond what the reader checks (``DataConfig.validate``)."""
-    tables: dict[str, FeatureConfig] = {}
+    tables: dict[str, JobFeatureConfig] = {}
     for i, f in enumerate(features):
         key = f"data.features.{i} ({f.name})"
         if f.emb_dim <= 0:
@@ -385,23 +432,19 @@ def _validate_features(features: list[FeatureConfig]) -> None:
         _validate_sharding_fields(f, key)
         if f.table_rows <= 0:
             raise ConfigError(f"{key}: set hash_bucket_size or num_embeddings (the table needs a row count)")
-        other = tables.setdefault(f.shard_name, f)
+        other = tables.setdefault(f.table, f)
         if (other.emb_dim, other.table_rows) != (f.emb_dim, f.table_rows):
             raise ConfigError(
-                f"{key}: shares table {f.shard_name!r} with {other.name!r} but has another emb_dim or row count"
+                f"{key}: shares table {f.table!r} with {other.name!r} but has another emb_dim or row count"
             )
         if _table_settings(other) != _table_settings(f):
             raise ConfigError(
-                f"{key}: shares table {f.shard_name!r} with {other.name!r} but has other sharding or "
+                f"{key}: shares table {f.table!r} with {other.name!r} but has other sharding or "
                 "managed-collision settings"
             )
 
 
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
-COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
-
-
-def _table_settings(f: FeatureConfig) -> tuple[object, ...]:
+def _table_settings(f: JobFeatureConfig) -> tuple[object, ...]:
     """Per-table settings that features sharing a table must agree on."""
     return (
         f.managed_collision, sorted(f.sharding_types), sorted(f.compute_kernels), f.cache_load_factor,
@@ -409,13 +452,8 @@ def _table_settings(f: FeatureConfig) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def _validate_sharding_fields(f: FeatureConfig, key: str) -> None:
-    for value in f.sharding_types:
-        if value not in SHARDING_TYPES:
-            raise ConfigError(f"{key}.sharding_types: {value!r} is not one of {list(SHARDING_TYPES)}")
-    for value in f.compute_kernels:
-        if value not in COMPUTE_KERNELS:
-            raise ConfigError(f"{key}.compute_kernels: {value!r} is not one of {list(COMPUTE_KERNELS)}")
+def _validate_sharding_fields(f: JobFeatureConfig, key: str) -> None:
+    # The values themselves are Literal-typed: checked by the loader, with the key.
     if not 0.0 <= f.cache_load_factor <= 1.0:
         raise ConfigError(f"{key}.cache_load_factor must be in [0, 1], got {f.cache_load_factor}")
     if f.pooling_factor <= 0:

@@ -54,7 +54,9 @@ class MatchedSet:
 
 
 # The first entry is the default, pinned in setup.cfg (a test keeps the two in step). Others are the
-# combinations known to work on specific machines (DESIGN.md section 2).
+# combinations known to work on specific machines: the lent GPU machine has Python 3.12 with torch
+# 2.11.0+cu130 preinstalled and no package registry; fbgemm-gpu 1.6.0 (linked against libcudart.so.13) and
+# torchrec 1.6.1 are the matched set for that torch.
 MATCHED_SETS: tuple[MatchedSet, ...] = (
     MatchedSet("default", torch="2.13.0", fbgemm="1.8.0", torchrec="1.8.0"),
     MatchedSet("lent GPU machine", torch="2.11.0", fbgemm="1.6.0", torchrec="1.6.1"),

@@ -7,10 +7,10 @@ Written to ``--out``:
 - ``tables/<table>.parquet`` (columns ``id`` int64, ``embedding`` fixed-size list of float32), or
   ``tables/<table>.npy`` (``[rows, dim]`` float32; row i is id i) with ``tables/<table>.ids.npy``; ids are the
   hashed ids the reader produces, i.e. row numbers of the table;
-- ``dense.pt``: ``{"config": <resolved TOML>, "state_dict": <Seq2SeqDecoder state>}``;
+- ``dense.pt``: ``{"config": <resolved TOML>, "state_dict": <DenseArch state>}``;
 - ``config.toml``: the config of the run.
 
-``load_exported(out)`` rebuilds a plain, single-process ``Seq2SeqModel`` from these files: no process
+``load_exported(out)`` rebuilds a plain, single-process ``NextItemModel`` from these files: no process
 group, no sharding, enough to score users against items offline. Runs in one process; the checkpoint may
 come from any number of ranks (DCP gathers the shards).
 """
@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed.checkpoint as dcp
 
-from model.seq2seq import Seq2SeqModel
+from model.next_item import NextItemModel
+from trainer.build import build_model
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, dump_config, load_config
 
@@ -41,11 +42,11 @@ _PREFIX = "model."
 ExportFormat = Literal["parquet", "npy"]
 
 
-def load_checkpoint_model(checkpoint: Path, cfg: JobConfig | None = None) -> tuple[Seq2SeqModel, JobConfig]:
-    """An unsharded ``Seq2SeqModel`` on the CPU holding the checkpoint's weights."""
+def load_checkpoint_model(checkpoint: Path, cfg: JobConfig | None = None) -> tuple[NextItemModel, JobConfig]:
+    """An unsharded ``NextItemModel`` on the CPU holding the checkpoint's weights."""
     cfg = cfg or load_config(checkpoint / "config.toml")
     CheckpointManager.read_meta(checkpoint, cfg)  # complete, and of this shape
-    model = Seq2SeqModel(cfg.data.features, cfg.model, item_feature=cfg.data.item_feature)
+    model = build_model(cfg)
     state = {_PREFIX + k: v for k, v in model.state_dict().items()}
     dcp.load({"model": state}, checkpoint_id=str(checkpoint))
     model.load_state_dict({k.removeprefix(_PREFIX): v for k, v in state.items()})
@@ -88,11 +89,11 @@ def read_table(folder: Path, name: str) -> np.ndarray:
     return flat.reshape(table.num_rows, -1)[order]
 
 
-def load_exported(folder: Path) -> Seq2SeqModel:
+def load_exported(folder: Path) -> NextItemModel:
     """Rebuild the model from an export folder, on the CPU, in eval mode."""
     dense = torch.load(folder / "dense.pt", weights_only=False)
     cfg = load_config(folder / "config.toml")
-    model = Seq2SeqModel(cfg.data.features, cfg.model, item_feature=cfg.data.item_feature)
+    model = build_model(cfg)
     model.dense.load_state_dict(dense["state_dict"])
     with torch.no_grad():
         for name, module in model.sparse.embedding_collection.embeddings.items():

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.seq2seq import Seq2SeqOutput
+from model.next_item import NextItemOutput
 from trainer.dist import DistContext
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class MetricLogger:
         self._bar = _progress_bar(total_steps, start_step) if ctx.is_main and progress_bar else None
         self.history: list[LogRecord] = []
 
-    def update(self, out: Seq2SeqOutput, step: int) -> None:
+    def update(self, out: NextItemOutput, step: int) -> None:
         bad = ~torch.isfinite(out.loss.detach())
         self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), step, self._first_nonfinite)
         one = torch.ones_like(out.loss, dtype=torch.float32)

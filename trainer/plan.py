@@ -93,13 +93,11 @@ def dry_run(
     import torch
     from torchrec.distributed.planner.types import PlannerError
 
-    from model.seq2seq import Seq2SeqModel
+    from trainer.build import build_model
     from trainer.sharding import make_planner, make_sharders, prepare_for_planning, sparse_optimizer_name
 
     device = torch.device("cuda")  # the target; nothing is allocated on it
-    model = Seq2SeqModel(
-        cfg.data.features, cfg.model, device=torch.device("meta"), item_feature=cfg.data.item_feature
-    )
+    model = build_model(cfg, torch.device("meta"))
     prepare_for_planning(model, world_size)
     recorder = _recorder()
     planner = make_planner(
@@ -113,7 +111,7 @@ def dry_run(
     except PlannerError as e:
         raise PlanDoesNotFitError(_does_not_fit_message(cfg, world_size, hbm_gb, ddr_gb, e)) from e
     notes = [
-        f"{f.shard_name}: managed collisions (bucket 0), {f.mc_capacity:,} rows, {f.mc_eviction_policy} eviction "
+        f"{f.table}: managed collisions (bucket 0), {f.mc_capacity:,} rows, {f.mc_eviction_policy} eviction "
         f"every {f.mc_eviction_interval} steps"
         for f in cfg.data.features
         if f.managed_collision
@@ -159,7 +157,7 @@ def _does_not_fit_message(
     cfg: JobConfig, world_size: int, hbm_gb: float, ddr_gb: float | None, error: Exception
 ) -> str:
     # Weights alone (fp32), biggest first: enough to see which table to shrink, shard to UVM or cache.
-    sizes: dict[str, tuple[int, int]] = {f.shard_name: (f.table_rows, f.emb_dim) for f in cfg.data.features}
+    sizes: dict[str, tuple[int, int]] = {f.table: (f.table_rows, f.emb_dim) for f in cfg.data.features}
     by_size = sorted(sizes.items(), key=lambda kv: -kv[1][0] * kv[1][1])
     biggest = ", ".join(f"{name} {rows:,} x {dim} = {rows * dim * 4 / GIB:.2f} GiB" for name, (rows, dim) in by_size[:3])
     total = sum(rows * dim * 4 for rows, dim in sizes.values()) / GIB

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references of fbgemm's fused row-wise embedding optimizers (DESIGN.md §3).
+"""Pure-PyTorch references of fbgemm's fused row-wise embedding optimizers.
 
 fbgemm applies these inside the embedding backward, on CUDA (PARTIAL_ROWWISE_ADAM) or CPU
 (EXACT_ROWWISE_ADAGRAD); the references here update a whole table from the gradient summed per row, so

@@ -27,9 +27,8 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingEnv, ShardingPlan
 
-from data.config import FeatureConfig
 from model.sparse import set_mc_buckets, trunc_normal_init_
-from trainer.config import JobConfig, OptimConfig
+from trainer.config import JobConfig, JobFeatureConfig, OptimConfig
 from trainer.dist import DistContext
 
 logger = logging.getLogger(__name__)
@@ -40,7 +39,8 @@ _SPARSE_OPTIMIZERS = {
     "exact_adagrad": EmbOptimType.EXACT_ADAGRAD,
     "exact_sgd": EmbOptimType.EXACT_SGD,
 }
-# fbgemm's CPU kernels implement only these (DESIGN.md §3); Adam asserts "not supported in CPU mode".
+# fbgemm's CPU kernels implement only these (and EMAINPLACE_ROWWISE_ADAGRAD); ADAM and PARTIAL_ROWWISE_ADAM
+# assert "not supported in CPU mode".
 _CPU_SPARSE_OPTIMIZERS = {"exact_rowwise_adagrad", "exact_adagrad", "exact_sgd"}
 
 
@@ -108,8 +108,8 @@ def make_sharders(cfg: JobConfig, device: torch.device) -> list[ModuleSharder[nn
     return sharders
 
 
-def table_constraints(features: list[FeatureConfig], compute_device: str) -> dict[str, ParameterConstraints]:
-    """Planner constraints per table (``shard_name``) from the features' sharding settings."""
+def table_constraints(features: list[JobFeatureConfig], compute_device: str) -> dict[str, ParameterConstraints]:
+    """Planner constraints per table (``FeatureConfig.table``) from the features' sharding settings."""
     constraints: dict[str, ParameterConstraints] = {}
     for table, group in _tables(features).items():
         f = group[0]  # config validation makes the features of one table agree
@@ -146,10 +146,10 @@ def _cpu_kernels(table: str, sharding_types: list[str] | None, kernels: list[str
     return ["fused"]
 
 
-def _tables(features: list[FeatureConfig]) -> dict[str, list[FeatureConfig]]:
-    tables: dict[str, list[FeatureConfig]] = {}
+def _tables(features: list[JobFeatureConfig]) -> dict[str, list[JobFeatureConfig]]:
+    tables: dict[str, list[JobFeatureConfig]] = {}
     for f in features:
-        tables.setdefault(f.shard_name, []).append(f)
+        tables.setdefault(f.table, []).append(f)
     return tables
 
 

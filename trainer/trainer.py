@@ -1,12 +1,15 @@
-"""The training loop: build on meta -> plan -> DMP -> ``TrainPipelineSparseDist`` over the reader."""
+"""The training loop: build on meta -> plan -> DMP -> ``TrainPipelineSparseDist`` over the reader.
+
+``Trainer.train_step`` is one optimisation step and nothing else; ``Trainer.train`` is the loop around it
+(logging, checkpoints, evaluation, the end of the data). The training benchmark drives the same
+``train_step`` on in-memory batches.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,41 +17,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from data.batch import SequenceBatch, negatives_key, with_negatives
+from data.batch import SequenceBatch, negatives_key
 from data.reader import SequenceReader
-from model.seq2seq import Seq2SeqModel, Seq2SeqOutput
+from model.next_item import NextItemOutput
 from model.sparse import managed_collision_stats
-from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from trainer.build import build_train_module
+from trainer.checkpoint import BestCheckpoint, CheckpointManager, rng_state, set_rng_state
 from trainer.compile import compile_transformer
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext
-from trainer.evaluate import Evaluator, write_result
-from trainer.metrics import LogRecord, MetricLogger
+from trainer.evaluator import Evaluator, write_result
+from trainer.feed import NegativeSampler, StepAlignedBatches
+from trainer.metrics import MetricLogger
 from trainer.optim import build_optimizer, build_scheduler, restore_schedule
 from trainer.sharding import shard_model
 
 logger = logging.getLogger(__name__)
-
-
-class TrainStep(nn.Module):
-    """Adapts the model's named output to the ``(loss, output)`` pair the TorchRec pipeline expects."""
-
-    def __init__(self, model: Seq2SeqModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: SequenceBatch) -> tuple[torch.Tensor, Seq2SeqOutput]:
-        out = self.model(batch)
-        return out.loss, out
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    history: list[LogRecord]
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -57,20 +43,33 @@ def seed_everything(seed: int, rank: int) -> None:
         seed_fn(seed + rank)
 
 
+@dataclass
+class _Run:
+    """Where one call of ``Trainer.train`` stands: steps trained in it, and the steps of the latest checkpoint
+    and evaluation (so the end of the run does not repeat them)."""
+
+    start: int
+    trained: int = 0
+    saved_at: int = 0
+    evaluated_at: int = 0
+
+
 class Trainer:
-    def __init__(self, cfg: JobConfig, ctx: DistContext) -> None:
+    def __init__(self, cfg: JobConfig, ctx: DistContext, batches: Iterable[SequenceBatch] | None = None) -> None:
+        """``batches``: train on these instead of ``cfg.data``'s files (benchmarks; no checkpoints then)."""
         self.cfg, self.ctx = cfg, ctx
         seed_everything(cfg.train.seed, ctx.rank)
         self.output_dir = Path(cfg.train.output_dir)
         self._write_resolved_config()
 
         # The reader first: it checks every input file's schema, so bad input fails before the slow part.
-        self.reader = SequenceReader(cfg.data, rank=ctx.rank, world_size=ctx.world_size, epochs=cfg.train.train_epochs)
-        # Built on meta: no rank ever allocates a full table; DMP materialises only its own shards.
-        model = TrainStep(
-            Seq2SeqModel(cfg.data.features, cfg.model, device=torch.device("meta"), item_feature=cfg.data.item_feature)
+        self.reader: SequenceReader | Iterable[SequenceBatch] = (
+            SequenceReader(cfg.data, rank=ctx.rank, world_size=ctx.world_size, epochs=cfg.train.train_epochs)
+            if batches is None
+            else batches
         )
-        self.model = shard_model(model, cfg, ctx)
+        # Built on meta: no rank ever allocates a full table; DMP materialises only its own shards.
+        self.model = shard_model(build_train_module(cfg), cfg, ctx)
         compile_transformer(self.model, cfg.model, ctx.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
@@ -80,6 +79,9 @@ class Trainer:
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device)
         self.best = BestCheckpoint(self.output_dir, cfg.eval.best_metric)
         self.checkpoints.keep = self.best.path
+        self.batches = StepAlignedBatches(self.reader, ctx, self._negative_sampler())
+        t = cfg.train
+        self.metrics = MetricLogger(ctx, self.output_dir, t.train_steps, t.progress_bar, start_step=self.step)
 
     def _write_resolved_config(self) -> None:
         if self.ctx.is_main:
@@ -113,8 +115,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = restored.step
-        # fbgemm's fused row-wise Adam counts its bias-correction steps itself and does not save the
-        # counter (DESIGN.md §3): set it back, or the first steps after a resume would overshoot.
+        # fbgemm's fused row-wise Adam counts its bias-correction steps itself and does not keep the counter
+        # in its optimizer state: set it back, or the first steps after a resume would overshoot.
         self.optimizer.set_optimizer_step(self.step)
         restore_schedule(self.scheduler, self.step)
         if restored.rank_state is None:
@@ -125,42 +127,41 @@ class Trainer:
                 restored.meta["world_size"],
                 self.ctx.world_size,
             )
-        else:
+        elif isinstance(self.reader, SequenceReader):
             self.reader.load_state_dict(restored.rank_state["reader"])
             set_rng_state(restored.rank_state["rng"])
         if self.ctx.is_main:
             logger.info("resumed from %s at step %d", path, self.step)
 
-    def _save(self, batches: StepAlignedBatches, trained: int, metrics: MetricLogger) -> None:
+    def _save(self, run: _Run) -> None:
         # Never write a checkpoint after a non-finite loss: the last complete one stays the one to go back to.
-        metrics.raise_if_nonfinite()
-        rank_state = {"rng": rng_state(), "reader": batches.reader_state(trained)}
+        self.metrics.raise_if_nonfinite()
+        rank_state = {"rng": rng_state(), "reader": self.batches.reader_state(run.trained)}
         self.checkpoints.save(self.step, self._app_state(), rank_state, {}, self.cfg)
+        run.saved_at = self.step
 
-    def _evaluate(self, batches: StepAlignedBatches, trained: int, metrics: MetricLogger, saved_at: int) -> int:
-        """Validation metrics now; a new best is checkpointed (if checkpoints are on) and marked.
-        Returns the step of the latest checkpoint."""
+    def _evaluate(self, run: _Run) -> None:
+        """Validation metrics now; a new best is checkpointed (if checkpoints are on) and marked."""
         # The pipeline is empty here (StepAlignedBatches paused at this step, so it trained what it held);
         # evaluation calls the sparse modules directly, so their own forward goes back in place. The
         # next progress() attaches the model again and refills the pipeline.
         self.pipeline.detach()
         result = Evaluator(self.cfg, self.ctx, self.model).run()
-        metrics.pause(result.seconds)
+        run.evaluated_at = self.step
+        self.metrics.pause(result.seconds)
         if self.ctx.is_main:
             write_result(self.output_dir, self.step, result)
         value = result.metrics[self.cfg.eval.best_metric]
         if not self.best.improves(value):
-            return saved_at
-        if self.cfg.train.save_steps and saved_at != self.step:
-            self._save(batches, trained, metrics)
-            saved_at = self.step
-        checkpoint = self.checkpoints.output_dir / f"step_{self.step}" if saved_at == self.step else None
+            return
+        if self.cfg.train.save_steps and run.saved_at != self.step:
+            self._save(run)
+        checkpoint = self.checkpoints.output_dir / f"step_{self.step}" if run.saved_at == self.step else None
         if self.ctx.is_main:
             self.best.mark(self.step, value, checkpoint)
         else:
             self.best.value = value
         self.checkpoints.keep = self.best.path
-        return saved_at
 
     def _log_managed_collisions(self) -> None:
         """Ids admitted to and evicted from bucket-0 (managed-collision) tables, summed over ranks."""
@@ -175,57 +176,72 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- the loop
 
-    def train(self) -> TrainResult:
+    def train_step(self, feed: Iterator[SequenceBatch]) -> NextItemOutput:
+        """One optimisation step: the pipeline trains the next batch of ``feed`` (forward, backward, the fused
+        sparse update inside the backward, AdamW; the next batch's input distribution overlapped with it),
+        the LR schedule advances and the metrics accumulate on the device (no host sync). Raises
+        StopIteration when ``feed`` has nothing left to train."""
+        out: NextItemOutput = self.pipeline.progress(feed)
+        self.step += 1
+        self.scheduler.step()
+        self.metrics.update(out, self.step)
+        return out
+
+    def train(self) -> int:
+        """Train until ``train.train_steps`` or the end of the data; returns the last step."""
         cfg = self.cfg.train
         self.model.train()
-        metrics = MetricLogger(self.ctx, self.output_dir, cfg.train_steps, cfg.progress_bar, start_step=self.step)
-        batches = StepAlignedBatches(self.reader, self.ctx, self._negative_sampler())
-        start, trained, saved_at = self.step, 0, self.step
-        evaluated_at = self.step
-        feed = batches.until(self._pause_step(self.step, start))
+        run = _Run(start=self.step, saved_at=self.step, evaluated_at=self.step)
+        feed = self.batches.until(self._pause_step(run))
         try:
             while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
-                    out: Seq2SeqOutput = self.pipeline.progress(feed)
+                    self.train_step(feed)
                 except StopIteration:
                     break
-                self.step += 1
-                trained += 1
-                self.scheduler.step()
-                metrics.update(out, self.step)
-                if self.step % cfg.log_steps == 0:
-                    metrics.log(self.step)
-                    self._log_managed_collisions()
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
-                    self._save(batches, trained, metrics)
-                    saved_at = self.step
-                if cfg.eval_steps and self.step % cfg.eval_steps == 0:
-                    saved_at = self._evaluate(batches, trained, metrics, saved_at)
-                    evaluated_at = self.step
-                    feed = batches.until(self._pause_step(self.step, start))
-            if trained and self.step % cfg.log_steps:
-                metrics.log(self.step)  # the tail of the run since the last log line
-            if cfg.save_steps and saved_at != self.step:
-                self._save(batches, trained, metrics)
-                saved_at = self.step
-            if cfg.eval_steps and evaluated_at != self.step:
-                self._evaluate(batches, trained, metrics, saved_at)
+                run.trained += 1
+                if self._after_step(run):
+                    feed = self.batches.until(self._pause_step(run))
+            self._finish(run)
         finally:
-            metrics.close()
+            self.metrics.close()
         logger.info("finished after %d steps", self.step)
-        return TrainResult(steps=self.step, history=metrics.history)
+        return self.step
 
-    def _pause_step(self, step: int, start: int) -> int | None:
-        """Batches to pull in this run (which began at ``start``) before the pipeline must run empty: at the
-        next evaluation and at the last step, so that evaluation never meets batches in flight. None when
-        nothing evaluates."""
+    def _after_step(self, run: _Run) -> bool:
+        """The periodic work after a step: log, checkpoint, evaluate. True when it evaluated (the feed, paused
+        for it, must be renewed)."""
+        cfg = self.cfg.train
+        if self.step % cfg.log_steps == 0:
+            self.metrics.log(self.step)
+            self._log_managed_collisions()
+        if cfg.save_steps and self.step % cfg.save_steps == 0:
+            self._save(run)
+        if cfg.eval_steps and self.step % cfg.eval_steps == 0:
+            self._evaluate(run)
+            return True
+        return False
+
+    def _finish(self, run: _Run) -> None:
+        """The end of the run: what the last steps have not yet logged, saved or evaluated."""
+        cfg = self.cfg.train
+        if run.trained and self.step % cfg.log_steps:
+            self.metrics.log(self.step)  # the tail of the run since the last log line
+        if cfg.save_steps and run.saved_at != self.step:
+            self._save(run)
+        if cfg.eval_steps and run.evaluated_at != self.step:
+            self._evaluate(run)
+
+    def _pause_step(self, run: _Run) -> int | None:
+        """Batches to pull in this run before the pipeline must run empty: at the next evaluation and at the
+        last step, so that evaluation never meets batches in flight. None when nothing evaluates."""
         cfg = self.cfg.train
         if not cfg.eval_steps:
             return None
-        stop = (step // cfg.eval_steps + 1) * cfg.eval_steps
+        stop = (self.step // cfg.eval_steps + 1) * cfg.eval_steps
         if cfg.train_steps:
             stop = min(stop, cfg.train_steps)
-        return stop - start
+        return stop - run.start
 
     def _negative_sampler(self) -> NegativeSampler | None:
         m, d = self.cfg.model, self.cfg.data
@@ -236,112 +252,6 @@ class Trainer:
             negatives_key(item.name), m.num_negatives, item.table_rows, self.cfg.train.seed, self.ctx.rank, self.step
         )
 
-
-class NegativeSampler:
-    """Uniform item ids for the batch pulled ``index``-th: a function of (seed, rank, index) alone, so
-    a resumed run draws the same negatives as an uninterrupted one."""
-
-    def __init__(self, key: str, count: int, rows: int, seed: int, rank: int, start_index: int) -> None:
-        self.key, self.count, self.rows = key, count, rows
-        self.seed, self.rank = seed, rank
-        self.index = start_index
-
-    def __call__(self, batch: SequenceBatch) -> SequenceBatch:
-        rng = np.random.default_rng([self.seed, self.rank, self.index])
-        self.index += 1
-        ids = torch.from_numpy(rng.integers(0, self.rows, size=self.count, dtype=np.int64))
-        return with_negatives(batch, self.key, ids)
-
-
-class BestCheckpoint:
-    """Tracks the best validation value (higher is better: every metric here is) and marks it in
-    ``output_dir/best.json``, which survives restarts."""
-
-    def __init__(self, output_dir: Path, metric: str) -> None:
-        self.file = output_dir / "best.json"
-        self.metric = metric
-        self.value = -math.inf
-        self.path: Path | None = None
-        if self.file.is_file():
-            saved = json.loads(self.file.read_text())
-            if saved.get("metric") == metric:
-                self.value = float(saved["value"])
-                self.path = Path(saved["checkpoint"]) if saved.get("checkpoint") else None
-
-    def improves(self, value: float) -> bool:
-        return value > self.value
-
-    def mark(self, step: int, value: float, checkpoint: Path | None) -> None:
-        self.value, self.path = value, checkpoint
-        record = {"metric": self.metric, "value": value, "step": step, "checkpoint": str(checkpoint or "")}
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(self.file)  # atomic: a reader never sees half a file
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (train.save_steps = 0)"
-        logger.info("new best %s %.4f at step %d: %s", self.metric, value, step, where)
-
-
-class _Feed(Iterator[SequenceBatch]):
-    def __init__(self, source: StepAlignedBatches) -> None:
-        self._source = source
-
-    def __next__(self) -> SequenceBatch:
-        return next(self._source)
-
-
-class StepAlignedBatches(Iterator[SequenceBatch]):
-    """The reader's batches, pulled in step on every rank, counting what was pulled.
-
-    Every rank pulls while *every* rank has a batch, so no rank waits forever in a collective for a peer
-    that ran out of data. The pipeline pulls a batch or two ahead of the step it trains, so the reader
-    position to checkpoint after k trained batches lies that many batches back (``held_batches``).
-    """
-
-    def __init__(self, reader: SequenceReader, ctx: DistContext, negatives: NegativeSampler | None = None) -> None:
-        self._reader = reader
-        self._negatives = negatives
-        self._batches = iter(reader)
-        self._ctx = ctx
-        self._pulled = 0
-        self._exhausted = False
-        self._pause_after: int | None = None
-
-    def until(self, pulls: int | None) -> Iterator[SequenceBatch]:
-        """These batches, stopping after ``pulls`` in total (None: at the end of the data). The pipeline then
-        trains what it holds and runs empty, so evaluation sees the model at exactly that step. Returns a
-        new iterator object each time: TorchRec's pipeline remembers an iterator that once ran dry."""
-        self._pause_after = pulls
-        return _Feed(self)
-
-    def __next__(self) -> SequenceBatch:
-        if self._exhausted or (self._pause_after is not None and self._pulled >= self._pause_after):
-            raise StopIteration
-        batch = next(self._batches, None)
-        # Counted even when all ranks stop below: the reader handed it out, so its position moved on.
-        self._pulled += batch is not None
-        if not self._all_ranks_have(batch is not None):
-            self._exhausted = True
-            if batch is not None:
-                logger.warning(
-                    "rank %d: another rank ran out of data first; this rank's remaining batches are not trained "
-                    "on (balance the input files across ranks to avoid it)",
-                    self._ctx.rank,
-                )
-            raise StopIteration
-        assert batch is not None
-        return self._negatives(batch) if self._negatives else batch
-
-    def _all_ranks_have(self, has_batch: bool) -> bool:
-        if self._ctx.world_size == 1:
-            return has_batch  # nobody to agree with: no collective on the step's critical path
-        flag = torch.tensor([1 if has_batch else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._ctx.control_group)
-        return bool(flag.item())
-
-    def reader_state(self, trained: int) -> dict[str, Any]:
-        """Reader position after ``trained`` batches of this run have been trained on."""
-        self._reader.held_batches = self._pulled - trained
-        try:
-            return self._reader.state_dict()
-        finally:
-            self._reader.held_batches = 0
+    def close(self) -> None:
+        """Release what ``train`` would have released (for callers that drive ``train_step`` themselves)."""
+        self.metrics.close()

@@ -1,4 +1,5 @@
-"""The seq2seq recommender: sparse arch -> projection -> causal transformer -> next-item contrastive loss."""
+"""The next-item model (decoder-only, like SASRec; the seed calls it "Seq2Seq"): sparse arch (embedding
+lookups) -> dense arch (projection -> causal transformer -> next-item contrastive loss)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from model.transformer import CausalTransformer
 
 
 @dataclass
-class Seq2SeqOutput:
+class NextItemOutput:
     loss: torch.Tensor
     hits: torch.Tensor
     num_targets: torch.Tensor
@@ -91,7 +92,7 @@ class PositionEmbedding(nn.Embedding):
         return self((seq_lengths.unsqueeze(1) - 1 - t).clamp(min=0))
 
 
-class Seq2SeqDecoder(nn.Module):
+class DenseArch(nn.Module):
     """Dense part: ``[B*T, width]`` embeddings -> loss. Holds no sharded module, so the pipeline tracer
     treats it as a leaf.
 
@@ -187,7 +188,7 @@ class Seq2SeqDecoder(nn.Module):
         item_ids: torch.Tensor,
         negative_ids: torch.Tensor | None = None,
         layout: PackedLayout | None = None,
-    ) -> Seq2SeqOutput:
+    ) -> NextItemOutput:
         negatives = None
         if negative_ids is not None:
             # The sampled ids fill the first rows of the negatives block (one id per bag).
@@ -206,7 +207,7 @@ class Seq2SeqDecoder(nn.Module):
             self.cfg.loss_chunk_size, torch.bfloat16 if self._bf16(queries) else torch.float32,
         )  # fmt: skip
         # The counts come with the layout: no host round trip for a shape.
-        return Seq2SeqOutput(out.loss, out.hits, layout.counts[1], layout.counts[0], layout.counts[2])
+        return NextItemOutput(out.loss, out.hits, layout.counts[1], layout.counts[0], layout.counts[2])
 
     def _seed_loss(
         self,
@@ -215,7 +216,7 @@ class Seq2SeqDecoder(nn.Module):
         item_ids: torch.Tensor,
         negatives: torch.Tensor | None,
         negative_ids: torch.Tensor | None,
-    ) -> Seq2SeqOutput:
+    ) -> NextItemOutput:
         """The seed's loss with some of its bugs put back (``model.seed_loss_bugs``, ablations only)."""
         hidden, targets = self._encode_grid(embeddings, item_ids.shape, seq_lengths)
         out = next_item_contrastive_loss(
@@ -223,7 +224,7 @@ class Seq2SeqDecoder(nn.Module):
             negatives, negative_ids, self._bugs,
         )  # fmt: skip
         num_samples = torch.tensor(seq_lengths.numel(), device=seq_lengths.device)
-        return Seq2SeqOutput(out.loss, out.hits, out.num_targets, seq_lengths.sum(), num_samples)
+        return NextItemOutput(out.loss, out.hits, out.num_targets, seq_lengths.sum(), num_samples)
 
 
 def _unpack(rows: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -237,7 +238,7 @@ def negatives_feature(item: FeatureConfig) -> FeatureConfig:
     return dataclasses.replace(item, name=negatives_key(item.name), shard_name=item.shard_name)
 
 
-class Seq2SeqModel(nn.Module):
+class NextItemModel(nn.Module):
     def __init__(
         self,
         features: list[FeatureConfig],
@@ -255,9 +256,9 @@ class Seq2SeqModel(nn.Module):
         # Built directly on the device: on "meta" the dense weights are never allocated or initialised
         # here (DMP materialises them), which saves seconds for the seed's 1024-wide transformer.
         with torch.device(device or "cpu"):
-            self.dense = Seq2SeqDecoder(cfg, self.layout)
+            self.dense = DenseArch(cfg, self.layout)
 
-    def forward(self, batch: SequenceBatch) -> Seq2SeqOutput:
+    def forward(self, batch: SequenceBatch) -> NextItemOutput:
         # Keep this body a straight line of module calls: TorchRec's pipeline fx-traces it to find the
         # embedding collection's input (batch.sparse_features) and pipeline its input distribution.
         embeddings = self.sparse(batch.sparse_features)
