@@ -51,6 +51,13 @@ class ModelConfig:
     seed_loss_bugs: list[Literal["copy_shift", "padding"]] = field(default_factory=list)
     # bf16 autocast of the transformer on CUDA (seed: always on), and bf16 products in the loss; ignored on CPU.
     bf16: bool = True
+    # The sequence encoder: "transformer" (the seed's causal transformer, model/transformer.py) or "hstu"
+    # (Zhai et al. 2024, model/hstu.py: pointwise SiLU attention with relative position and time bias, gating
+    # by U, no separate FFN; dim_feedforward is unused).
+    encoder: Literal["transformer", "hstu"] = "transformer"
+    # HSTU's per-head widths of Q/K (attention) and U/V (linear); 0 = hidden_size / nhead.
+    hstu_attention_dim: int = 0
+    hstu_linear_dim: int = 0
     # Attention over the packed rows (model/attention.py): "auto" = "varlen" on CUDA (FlashAttention's
     # variable-length kernel, no padding) where torch has it, else "padded"; "grouped" on CPU.
     attention: Literal["auto", "varlen", "grouped", "padded"] = "auto"
