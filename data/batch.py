@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,8 @@ class PackedLayout:
     max_len: int
     num_tokens: int
     num_pairs: int
+    # [N] int64 event time (Unix seconds) of each row, when the batch carries times (``data.time_feature``).
+    times: torch.Tensor | None = None
 
     @property
     def longest(self) -> int:
@@ -46,9 +49,15 @@ class PackedLayout:
         return max(self.lengths, default=0)
 
     @staticmethod
-    def from_batch(seq_lengths: torch.Tensor, item_ids: torch.Tensor | None, max_len: int | None = None) -> PackedLayout:
+    def from_batch(
+        seq_lengths: torch.Tensor,
+        item_ids: torch.Tensor | None,
+        max_len: int | None = None,
+        timestamps: torch.Tensor | None = None,
+    ) -> PackedLayout:
         """``seq_lengths`` ``[B]`` and ``item_ids`` ``[B, T]`` (-1 at padding and empty positions) on the host.
         Without ``item_ids`` (encoding only, no loss) there are no pairs; ``max_len`` is then T.
+        ``timestamps``: ``[B, T]`` event times, packed like the rows.
 
         numpy on purpose: a few vectorised passes over the N positions (about 0.1 ms for 16 users of 1,024),
         where torch's CPU kernels cost several times that in dispatch and thread start-up for sizes this small.
@@ -73,7 +82,11 @@ class PackedLayout:
         nonempty = lengths[lengths > 0]
         cu_seqlens = np.zeros(len(nonempty) + 1, dtype=np.int32)
         np.cumsum(nonempty, out=cu_seqlens[1:])
+        times = None
+        if timestamps is not None:
+            times = timestamps.detach().cpu().reshape(-1).index_select(0, torch.from_numpy(index))
         return PackedLayout(
+            times=times,
             index=torch.from_numpy(index),
             cu_seqlens=torch.from_numpy(cu_seqlens),
             distance=torch.from_numpy(distance),
@@ -88,7 +101,7 @@ class PackedLayout:
         )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        tensors = {
             "index": self.index,
             "cu_seqlens": self.cu_seqlens,
             "distance": self.distance,
@@ -96,6 +109,9 @@ class PackedLayout:
             "target_ids": self.target_ids,
             "counts": self.counts,
         }
+        if self.times is not None:
+            tensors["times"] = self.times
+        return tensors
 
     def _with(self, tensors: dict[str, torch.Tensor]) -> PackedLayout:
         return PackedLayout(
@@ -139,6 +155,9 @@ class SequenceBatch(Pipelineable):
     # Where the real positions lie (see PackedLayout). Filled in on the host when the batch moves to its
     # device (``to``); a batch built directly on a device gets it from the model, at the cost of a sync.
     layout: PackedLayout | None = None
+    # [B, T] int64 event time (Unix seconds) per position, 0 at padding, when ``data.time_feature`` is set
+    # (HSTU's relative time bias). It reaches the model inside the layout.
+    timestamps: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -151,17 +170,18 @@ class SequenceBatch(Pipelineable):
     def packed_layout(self) -> PackedLayout | None:
         """The layout, computed now if the batch is still on the host (None if it is not)."""
         if self.layout is None and self.seq_lengths.device.type == "cpu" and self.item_ids.device.type == "cpu":
-            self.layout = PackedLayout.from_batch(self.seq_lengths, self.item_ids)
+            self.layout = PackedLayout.from_batch(self.seq_lengths, self.item_ids, timestamps=self.timestamps)
         return self.layout
 
     def to(self, device: torch.device, non_blocking: bool = False) -> SequenceBatch:
-        negatives, layout = self.negative_ids, self.packed_layout()
+        negatives, layout, times = self.negative_ids, self.packed_layout(), self.timestamps
         return SequenceBatch(
             sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
             seq_lengths=self.seq_lengths.to(device=device, non_blocking=non_blocking),
             item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
             negative_ids=None if negatives is None else negatives.to(device=device, non_blocking=non_blocking),
             layout=None if layout is None else layout.to(device, non_blocking=non_blocking),
+            timestamps=None if times is None else times.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -172,6 +192,8 @@ class SequenceBatch(Pipelineable):
             self.negative_ids.record_stream(stream)
         if self.layout is not None:
             self.layout.record_stream(stream)
+        if self.timestamps is not None:
+            self.timestamps.record_stream(stream)
 
     def pin_memory(self) -> SequenceBatch:
         layout = self.packed_layout()
@@ -181,6 +203,7 @@ class SequenceBatch(Pipelineable):
             item_ids=self.item_ids.pin_memory(),
             negative_ids=None if self.negative_ids is None else self.negative_ids.pin_memory(),
             layout=None if layout is None else layout.pin_memory(),
+            timestamps=None if self.timestamps is None else self.timestamps.pin_memory(),
         )
 
 
@@ -206,4 +229,4 @@ def with_negatives(batch: SequenceBatch, key: str, ids: torch.Tensor) -> Sequenc
         lengths=torch.cat([kjt.lengths(), lengths]),
         stride=stride,
     )
-    return SequenceBatch(features, batch.seq_lengths, batch.item_ids, ids if ids.numel() else None, batch.layout)
+    return dataclasses.replace(batch, sparse_features=features, negative_ids=ids if ids.numel() else None)

@@ -38,6 +38,10 @@ class ModelConfig:
     # the in-batch ones ("mixed negatives"): in-batch negatives are biased towards popular items, uniform
     # ones cover the tail that full-ranking evaluation scores too. 0 = in-batch only (seed).
     num_negatives: int = 0
+    # Log-Q correction of the in-batch negatives (Yi et al., RecSys 2019; model/loss.py): each candidate's
+    # logit minus the log of how often its item is expected among a query's candidates, so that popular
+    # items are not pushed down merely for turning up as negatives more often.
+    logq_correction: bool = False
     # Queries per chunk of the loss, whose logits are recomputed in the backward instead of kept (peak memory
     # O(chunk x negatives)); 0 = as many as keep a chunk's logits within 1 GiB on CUDA, 16 MiB on CPU.
     loss_chunk_size: int = 0

@@ -170,6 +170,7 @@ class HSTUEncoder(nn.Module):
         if max_len < 1:
             raise ValueError(f"HSTU needs the longest sequence length (data.seq_len), got {max_len}")
         self.layers = nn.ModuleList(HSTUBlock(cfg, max_len, with_time) for _ in range(cfg.num_layers))
+        self.with_time = with_time
 
     def forward(self, x: torch.Tensor, attend: HSTUAttention) -> torch.Tensor:
         for layer in self.layers:

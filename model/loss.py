@@ -15,6 +15,14 @@ Negatives, any mix of:
 A negative that is the query's own target (the same pair, or the same item among sampled table rows) is
 never a negative; with ``mask_same_item`` neither is another occurrence of the query's target item.
 
+**Log-Q correction** (``LogQ``, Yi et al., RecSys 2019: sampled softmax with a sampling-bias correction):
+in-batch candidates turn up as often as their items occur in the data, so a plain softmax over them pushes
+popular items down for being popular. Each logit is lowered by the log of how many times its item is
+expected among a query's candidates: ``log c_j`` for all in-batch targets (item j occurs ``c_j`` times in
+the rank's batch), ``log(K c_j / P)`` for K draws from the P targets, ``log(M / rows)`` for M uniform table
+rows; the positive by the same as its item's in-batch candidates. The hit count is taken on the uncorrected
+scores (what ranking at serving time sees).
+
 Two implementations side by side, as generative-recommenders keeps its ops: ``reference_loss`` writes every
 logit out (plain PyTorch, the definition the tests check against), ``chunked_loss`` computes the same loss
 query chunk by query chunk in a custom autograd function that recomputes each chunk's logits in the
@@ -25,6 +33,7 @@ with its products in bf16 on CUDA (fp32 accumulation and log-sum-exp).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,6 +64,37 @@ class LossOutput:
     hits: torch.Tensor
     # Number of (query, target) pairs that entered the loss: real positions with a real next item.
     num_targets: torch.Tensor
+
+
+@dataclass
+class LogQ:
+    """What the log-Q correction subtracts (see the module docstring)."""
+
+    # [P] per pair j: log of the expected count of pair j's item among one query's in-batch candidates
+    # (also what the pair's own positive logit loses).
+    pairs: torch.Tensor
+    # Per uniform table row: log(M / rows).
+    table: float = 0.0
+
+
+def item_counts(ids: torch.Tensor) -> torch.Tensor:
+    """``[P]``: how often each pair's item occurs among the P pairs. Sort and search, not ``unique``: no
+    output of data-dependent size, so no device-to-host sync on CUDA."""
+    ordered = ids.sort().values
+    return torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids, right=False)
+
+
+def log_q(ids: torch.Tensor, spec: NegativeSpec, table_draws: int = 0, table_rows: int = 0) -> LogQ:
+    """The correction for pairs with item ids ``ids`` and the negatives of ``spec`` (plus ``table_draws``
+    uniform draws from ``table_rows`` rows)."""
+    table = math.log(table_draws / table_rows) if table_draws and table_rows else 0.0
+    if spec.in_batch == "none":
+        # Uniform candidates only: the same correction for every column, i.e. none.
+        return LogQ(pairs=torch.full(ids.shape, table, device=ids.device), table=table)
+    counts = item_counts(ids).double()
+    if spec.in_batch == "sampled":
+        counts = counts * (spec.num_sampled / max(ids.numel(), 1))
+    return LogQ(pairs=counts.log().float(), table=table)
 
 
 def sample_in_batch(num_pairs: int, spec: NegativeSpec, device: torch.device) -> torch.Tensor | None:
@@ -101,24 +141,28 @@ def reference_loss(
     table: torch.Tensor | None = None,
     table_ids: torch.Tensor | None = None,
     sampled: torch.Tensor | None = None,
+    correction: LogQ | None = None,
 ) -> LossOutput:
     """Every logit written out. ``queries``, ``keys``: ``[P, H]``, pair i = (query i, its next item's
     representation keys[i], item ids[i]); ``table``: ``[M, H]`` sampled table rows with ids ``table_ids``;
     ``sampled``: ``[G, K]`` rows of ``keys`` (from ``sample_in_batch``), group g serving queries
-    ``g * group_size ...``."""
+    ``g * group_size ...``; ``correction``: the log-Q correction, if any."""
     if queries.shape[0] == 0:
         return _empty(queries, keys, table)
     q, k, t = normalize_pairs(queries, keys, temperature, table)
     num = q.shape[0]
     rows = torch.arange(num, device=q.device)
+    pair_q = correction.pairs if correction is not None else torch.zeros(num, device=q.device)
+    table_q = correction.table if correction is not None else 0.0
     positive = (q * k).sum(-1, keepdim=True)
-    columns = [positive]
+    columns, shifts = [positive], [pair_q.unsqueeze(1)]
     if spec.in_batch == "all":
         logits = q @ k.t()
         masked = rows.unsqueeze(1) == rows.unsqueeze(0)  # the diagonal is the positive itself
         if spec.mask_same_item:
             masked |= ids.unsqueeze(1) == ids.unsqueeze(0)
         columns.append(logits.masked_fill(masked, float("-inf")))
+        shifts.append(pair_q.unsqueeze(0).expand(num, num))
     if spec.in_batch == "sampled":
         assert sampled is not None
         drawn = sampled[rows // spec.group_size]  # [P, K] rows of keys
@@ -127,15 +171,18 @@ def reference_loss(
         if spec.mask_same_item:
             masked |= ids[drawn] == ids.unsqueeze(1)
         columns.append(logits.masked_fill(masked, float("-inf")))
+        shifts.append(pair_q[drawn])
     if t is not None and t.shape[0]:
         logits = q @ t.t()
         if table_ids is not None:
             logits = logits.masked_fill(ids.unsqueeze(1) == table_ids.unsqueeze(0), float("-inf"))
         columns.append(logits)
-    logits = torch.cat(columns, dim=1)
+        shifts.append(torch.full((num, t.shape[0]), table_q, device=q.device))
+    raw = torch.cat(columns, dim=1)
+    logits = raw - torch.cat(shifts, dim=1)
     loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
     with torch.no_grad():
-        hits = (logits[:, :1] >= logits[:, 1:]).all(dim=1).sum() if logits.shape[1] > 1 else torch.tensor(num)
+        hits = (raw[:, :1] >= raw[:, 1:]).all(dim=1).sum() if raw.shape[1] > 1 else torch.tensor(num)
     return LossOutput(loss=loss, hits=hits.to(q.device), num_targets=torch.tensor(num, device=q.device))
 
 
@@ -198,6 +245,7 @@ class _Chunk:
     q: torch.Tensor  # [C, H] compute dtype
     drawn: torch.Tensor | None  # [g, K] rows of keys drawn for the chunk's g sampling groups
     drawn_keys: torch.Tensor | None  # [g, K, H] those keys
+    per_row: torch.Tensor | None  # [C, K] the rows of keys each query of the chunk is scored against
 
     @property
     def size(self) -> int:
@@ -217,8 +265,10 @@ class _Operands:
         sampled: torch.Tensor | None,
         spec: NegativeSpec,
         dtype: torch.dtype,
+        correction: LogQ | None = None,
     ) -> None:
         self.spec, self.ids, self.table_ids, self.sampled = spec, ids, table_ids, sampled
+        self.correction = correction
         self.q, self.k = q.to(dtype), k.to(dtype)
         self.table = table.to(dtype) if table is not None and table.shape[0] else None
         self.num = q.shape[0]
@@ -226,12 +276,13 @@ class _Operands:
 
     def chunk(self, start: int, stop: int) -> _Chunk:
         if self.sampled is None:
-            return _Chunk(start, stop, self.q[start:stop], None, None)
+            return _Chunk(start, stop, self.q[start:stop], None, None, None)
         first = start // self.spec.group_size  # chunks start on a group boundary (chunk_rows)
         drawn = self.sampled[first : first + -(-(stop - start) // self.spec.group_size)]
+        per_row = drawn.repeat_interleave(self.spec.group_size, dim=0)[: stop - start]
         # The groups' keys, [g, K, H]: gathered per chunk, so that one draw per query (group_size 1)
         # costs chunk x K x H, not P x K x H.
-        return _Chunk(start, stop, self.q[start:stop], drawn, self.k[drawn])
+        return _Chunk(start, stop, self.q[start:stop], drawn, self.k[drawn], per_row)
 
     def negatives(self, c: _Chunk) -> list[torch.Tensor]:
         """The chunk's fp32 negative logits, one ``[C, n]`` block per source, masked entries at -inf."""
@@ -243,13 +294,12 @@ class _Operands:
             if spec.mask_same_item:
                 masked |= ids.unsqueeze(1) == self.ids.unsqueeze(0)
             blocks.append(logits.masked_fill_(masked, float("-inf")))
-        if c.drawn is not None and c.drawn_keys is not None:
+        if c.drawn is not None and c.drawn_keys is not None and c.per_row is not None:
             logits = _bmm(self._grouped(c.q, c.drawn.shape[0]), c.drawn_keys.transpose(1, 2))  # [g, size, K]
             logits = logits.reshape(-1, c.drawn.shape[1])[: c.size]
-            per_row = c.drawn.repeat_interleave(spec.group_size, dim=0)[: c.size]  # [C, K]
-            masked = per_row == rows.unsqueeze(1)
+            masked = c.per_row == rows.unsqueeze(1)
             if spec.mask_same_item:
-                masked |= self.ids[per_row] == ids.unsqueeze(1)
+                masked |= self.ids[c.per_row] == ids.unsqueeze(1)
             blocks.append(logits.masked_fill_(masked, float("-inf")))
         if self.table is not None:
             logits = _mm(c.q, self.table.t())
@@ -257,6 +307,23 @@ class _Operands:
                 logits.masked_fill_(ids.unsqueeze(1) == self.table_ids.unsqueeze(0), float("-inf"))
             blocks.append(logits)
         return blocks
+
+    def correct(self, c: _Chunk, blocks: list[torch.Tensor]) -> None:
+        """Apply the log-Q correction to the chunk's negative blocks, in place (masked entries stay -inf)."""
+        if self.correction is None:
+            return
+        pairs, it = self.correction.pairs, iter(blocks)
+        if self.spec.in_batch == "all":
+            next(it).sub_(pairs.unsqueeze(0))
+        if c.per_row is not None:
+            next(it).sub_(pairs[c.per_row])
+        if self.table is not None and self.correction.table:
+            next(it).sub_(self.correction.table)
+
+    def positive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``[P]`` fp32 positive logits, corrected (the uncorrected ones decide hits)."""
+        raw = (q * k).sum(-1)
+        return raw if self.correction is None else raw - self.correction.pairs
 
     def _grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """``[C, H]`` -> ``[g, group_size, H]``, the last group padded with zero rows."""
@@ -309,9 +376,11 @@ class _ChunkedContrastive(torch.autograd.Function):
         spec: NegativeSpec,
         rows_per_chunk: int,
         dtype: torch.dtype,
+        correction: LogQ | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ops = _Operands(q, k, ids, table, table_ids, sampled, spec, dtype)
-        positive = (q * k).sum(-1)  # fp32: the positive logit is kept exact
+        ops = _Operands(q, k, ids, table, table_ids, sampled, spec, dtype, correction)
+        raw_positive = (q * k).sum(-1)  # fp32: the positive logit is kept exact
+        positive = ops.positive(q, k)
         lse = torch.empty_like(positive)
         hits = torch.zeros((), dtype=torch.long, device=q.device)
         for start in range(0, ops.num, rows_per_chunk):
@@ -322,22 +391,24 @@ class _ChunkedContrastive(torch.autograd.Function):
                 lse[c.start : c.stop] = pos
                 hits += c.stop - c.start
                 continue
-            best = torch.stack([b.amax(dim=1) for b in blocks]).amax(dim=0)
+            raw_best = torch.stack([b.amax(dim=1) for b in blocks]).amax(dim=0)
+            hits += (raw_positive[c.start : c.stop] >= raw_best).sum()
+            ops.correct(c, blocks)
+            best = raw_best if correction is None else torch.stack([b.amax(dim=1) for b in blocks]).amax(dim=0)
             top = torch.maximum(best, pos)  # finite: the positive is never masked
             total = torch.exp(pos - top)
             for b in blocks:
                 total += torch.exp(b - top.unsqueeze(1)).sum(dim=1)
             lse[c.start : c.stop] = top + torch.log(total)
-            hits += (pos >= best).sum()
         ctx.mark_non_differentiable(hits)
         ctx.save_for_backward(q, k, table, ids, table_ids, sampled, positive, lse)
-        ctx.spec, ctx.rows_per_chunk, ctx.dtype = spec, rows_per_chunk, dtype
+        ctx.spec, ctx.rows_per_chunk, ctx.dtype, ctx.correction = spec, rows_per_chunk, dtype, correction
         return (lse - positive).mean(), hits
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_hits: torch.Tensor | None):  # type: ignore[override]
         q, k, table, ids, table_ids, sampled, positive, lse = ctx.saved_tensors
-        ops = _Operands(q, k, ids, table, table_ids, sampled, ctx.spec, ctx.dtype)
+        ops = _Operands(q, k, ids, table, table_ids, sampled, ctx.spec, ctx.dtype, ctx.correction)
         scale = grad_loss.float() / ops.num
         dq, dk = torch.zeros_like(q), torch.zeros_like(k)
         dt = torch.zeros_like(table) if table is not None else None
@@ -348,10 +419,12 @@ class _ChunkedContrastive(torch.autograd.Function):
         for start in range(0, ops.num, ctx.rows_per_chunk):
             c = ops.chunk(start, min(start + ctx.rows_per_chunk, ops.num))
             shift = lse[c.start : c.stop].unsqueeze(1)
-            weights = [torch.exp(b - shift).mul_(scale) for b in ops.negatives(c)]
+            blocks = ops.negatives(c)
+            ops.correct(c, blocks)
+            weights = [torch.exp(b - shift).mul_(scale) for b in blocks]
             if weights:
                 ops.accumulate_grads(c, weights, dq, dk, dt)
-        return dq, dk, dt, None, None, None, None, None, None
+        return dq, dk, dt, None, None, None, None, None, None, None
 
 
 def chunked_loss(
@@ -365,6 +438,7 @@ def chunked_loss(
     sampled: torch.Tensor | None = None,
     rows_per_chunk: int = 0,
     dtype: torch.dtype | None = None,
+    correction: LogQ | None = None,
 ) -> LossOutput:
     """``reference_loss``'s value and gradients at O(chunk x (P + K + M)) memory. ``dtype``: the products'
     operand type (default fp32; the model passes bf16 on CUDA); softmax and log-sum-exp are always fp32."""
@@ -376,7 +450,9 @@ def chunked_loss(
     if spec.in_batch == "sampled":
         per_row += spec.num_sampled * (1 + q.shape[1] // spec.group_size)
     rows = chunk_rows(num, per_row, spec, q.device, rows_per_chunk)
-    loss, hits = _ChunkedContrastive.apply(q, k, t, ids, table_ids, sampled, spec, rows, dtype or torch.float32)
+    loss, hits = _ChunkedContrastive.apply(
+        q, k, t, ids, table_ids, sampled, spec, rows, dtype or torch.float32, correction
+    )
     return LossOutput(loss=loss, hits=hits, num_targets=torch.full((), num, dtype=torch.long, device=q.device))
 
 

@@ -14,7 +14,8 @@ from data.batch import PackedLayout, SequenceBatch, negatives_key
 from data.config import FeatureConfig
 from model.attention import PackedAttention
 from model.config import ModelConfig
-from model.loss import NegativeSpec, chunked_loss, next_item_contrastive_loss, sample_in_batch
+from model.hstu import HSTUAttention, HSTUEncoder
+from model.loss import NegativeSpec, chunked_loss, log_q, next_item_contrastive_loss, sample_in_batch
 from model.sparse import SparseArch
 from model.transformer import CausalTransformer
 
@@ -43,6 +44,8 @@ class ColumnLayout:
     # Resolved: never empty (empty in the config means every feature).
     target_features: tuple[str, ...]
     negatives: bool = False
+    # Rows of the item feature's table (the uniform negatives' population, for the log-Q correction).
+    item_rows: int = 0
 
     @property
     def input_width(self) -> int:
@@ -64,13 +67,15 @@ class ColumnLayout:
 
 def column_layout(features: list[FeatureConfig], cfg: ModelConfig, item_feature: str | None = None) -> ColumnLayout:
     names = tuple(f.name for f in features)
+    item = item_feature or names[0]
     return ColumnLayout(
         feature_names=names,
         emb_dim=features[0].emb_dim,
-        item_feature=item_feature or names[0],
+        item_feature=item,
         # Config order, whatever order target_features lists them in, so column slices stay ascending.
         target_features=tuple(n for n in names if n in cfg.target_features) if cfg.target_features else names,
         negatives=cfg.num_negatives > 0,
+        item_rows=next(f.table_rows for f in features if f.name == item),
     )
 
 
@@ -100,13 +105,18 @@ class DenseArch(nn.Module):
     packed into ``[N, width]`` rows first, and the projection, transformer and loss never touch padding.
     """
 
-    def __init__(self, cfg: ModelConfig, layout: ColumnLayout) -> None:
+    def __init__(self, cfg: ModelConfig, layout: ColumnLayout, max_len: int = 0, with_time: bool = False) -> None:
+        """``max_len``: the longest sequence (``data.seq_len``), which HSTU normalises its attention by;
+        ``with_time``: batches carry event times (HSTU's relative time bias)."""
         super().__init__()
         self.cfg = cfg
         self.layout = layout
         self.proj = nn.Linear(layout.input_width, cfg.hidden_size)
         self.position = PositionEmbedding(cfg.max_positions, cfg.hidden_size) if cfg.max_positions else None
-        self.transformer = CausalTransformer(cfg)
+        # One of the two encoders (``model.encoder``); the transformer keeps its attribute name, so checkpoints
+        # of earlier versions load unchanged.
+        self.transformer = CausalTransformer(cfg) if cfg.encoder == "transformer" else None
+        self.hstu = HSTUEncoder(cfg, max_len, with_time) if cfg.encoder == "hstu" else None
         self._bugs = tuple(cfg.seed_loss_bugs)
         self.negatives = NegativeSpec(
             in_batch=cfg.in_batch_negatives,
@@ -143,21 +153,30 @@ class DenseArch(nn.Module):
         with self._autocast(x):
             projected = self.proj(x)
             inputs = projected if self.position is None else projected + self.position(layout.distance)
-            hidden = self.transformer(inputs, PackedAttention(layout, self.cfg.attention, x.device))
+            if self.hstu is not None:
+                hidden = self.hstu(inputs, HSTUAttention(layout, self.cfg.attention, x.device, layout.times))
+            else:
+                assert self.transformer is not None
+                hidden = self.transformer(inputs, PackedAttention(layout, self.cfg.attention, x.device))
             return hidden, self._targets(x, projected)
 
     def encode(
-        self, embeddings: torch.Tensor, batch_shape: torch.Size, seq_lengths: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        batch_shape: torch.Size,
+        seq_lengths: torch.Tensor | None = None,
+        timestamps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (hidden states, target representations), both ``[B, T, hidden_size]``, zero at padding.
-        Without ``seq_lengths`` every position of the grid is taken as real."""
+        Without ``seq_lengths`` every position of the grid is taken as real; ``timestamps`` ``[B, T]``: event
+        times (HSTU's time bias)."""
         batch, width = batch_shape
         if seq_lengths is None:
             if self.position is not None:
                 raise ValueError("model.max_positions > 0: encode() needs the sequence lengths")
             seq_lengths = torch.full((batch,), width, dtype=torch.long)
         # The lengths go to the host (a sync on CUDA): evaluation and tests, not the training step.
-        layout = PackedLayout.from_batch(seq_lengths, None, max_len=width).to(embeddings.device)
+        layout = PackedLayout.from_batch(seq_lengths, None, max_len=width, timestamps=timestamps).to(embeddings.device)
         hidden, targets = self.encode_packed(embeddings, layout)
         return _unpack(hidden, layout), _unpack(targets, layout)
 
@@ -198,13 +217,19 @@ class DenseArch(nn.Module):
         if layout is None:
             # A batch built on its device: the layout costs a device-to-host copy of the lengths here.
             layout = PackedLayout.from_batch(seq_lengths.cpu(), item_ids.cpu()).to(embeddings.device)
+            if self.hstu is not None and self.hstu.with_time:
+                raise ValueError("model.encoder = 'hstu' with event times needs the batch's layout (batch.to)")
         hidden, targets = self.encode_packed(embeddings, layout)
         queries = hidden.index_select(0, layout.query_rows)
         keys = targets.index_select(0, layout.query_rows + 1)  # the next row is the next position
+        correction = None
+        if self.cfg.logq_correction:
+            draws = 0 if negative_ids is None else negative_ids.numel()
+            correction = log_q(layout.target_ids, self.negatives, draws, self.layout.item_rows)
         out = chunked_loss(
             queries, keys, layout.target_ids, self.negatives, self.cfg.temperature, negatives, negative_ids,
             sample_in_batch(layout.num_pairs, self.negatives, queries.device),
-            self.cfg.loss_chunk_size, torch.bfloat16 if self._bf16(queries) else torch.float32,
+            self.cfg.loss_chunk_size, torch.bfloat16 if self._bf16(queries) else torch.float32, correction,
         )  # fmt: skip
         # The counts come with the layout: no host round trip for a shape.
         return NextItemOutput(out.loss, out.hits, layout.counts[1], layout.counts[0], layout.counts[2])
@@ -245,7 +270,10 @@ class NextItemModel(nn.Module):
         cfg: ModelConfig,
         device: torch.device | None = None,
         item_feature: str | None = None,
+        max_len: int = 0,
+        with_time: bool = False,
     ) -> None:
+        """``max_len`` and ``with_time``: see ``DenseArch`` (HSTU only)."""
         super().__init__()
         self.layout = column_layout(features, cfg, item_feature)
         sparse_features = list(features)
@@ -256,7 +284,7 @@ class NextItemModel(nn.Module):
         # Built directly on the device: on "meta" the dense weights are never allocated or initialised
         # here (DMP materialises them), which saves seconds for the seed's 1024-wide transformer.
         with torch.device(device or "cpu"):
-            self.dense = DenseArch(cfg, self.layout)
+            self.dense = DenseArch(cfg, self.layout, max_len, with_time)
 
     def forward(self, batch: SequenceBatch) -> NextItemOutput:
         # Keep this body a straight line of module calls: TorchRec's pipeline fx-traces it to find the

@@ -12,6 +12,8 @@ from model.loss import (
     NegativeSpec,
     chunk_rows,
     chunked_loss,
+    item_counts,
+    log_q,
     next_item_contrastive_loss,
     reference_loss,
     sample_in_batch,
@@ -178,3 +180,51 @@ def test_padded_grid_loss_is_the_all_in_batch_reference() -> None:
     pairs = chunked_loss(q, k, torch.tensor([2, 3, 4, 2]), NegativeSpec("all", mask_same_item=True), 0.5)
     assert grid.loss.item() == pytest.approx(pairs.loss.item(), rel=1e-6)
     assert grid.num_targets.item() == 4
+
+
+@pytest.mark.parametrize(("spec", "with_table"), CASES, ids=[f"{s.in_batch}-g{s.group_size}-t{int(t)}" for s, t in CASES])
+def test_log_q_corrected_chunked_equals_reference(spec: NegativeSpec, with_table: bool) -> None:
+    q, k, ids, t, t_ids = _inputs()
+    torch.manual_seed(1)
+    sampled = sample_in_batch(q.shape[0], spec, q.device)
+    correction = log_q(ids, spec, table_draws=t.shape[0] if with_table else 0, table_rows=9)
+
+    def run(fn, **kw):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, t)]
+        out = fn(leaves[0], leaves[1], ids, spec, 0.3, leaves[2] if with_table else None, t_ids if with_table else None,
+                 sampled, **kw)  # fmt: skip
+        out.loss.backward()
+        return out, [x.grad for x in leaves]
+
+    ref, ref_grads = run(reference_loss, correction=correction)
+    got, got_grads = run(chunked_loss, rows_per_chunk=8, correction=correction)
+    plain, _ = run(reference_loss)
+    torch.testing.assert_close(got.loss.double(), ref.loss.double(), rtol=1e-6, atol=1e-7)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-7)
+    # Hits are counted on the uncorrected scores; the loss itself moves (except with uniform negatives only).
+    assert got.hits.item() == ref.hits.item() == plain.hits.item()
+    if spec.in_batch != "none":
+        assert abs(ref.loss.item() - plain.loss.item()) > 1e-4
+
+
+def test_log_q_by_hand() -> None:
+    ids = torch.tensor([3, 5, 3, 3, 7])
+    assert item_counts(ids).tolist() == [3, 1, 3, 3, 1]
+    every = log_q(ids, NegativeSpec("all"), table_draws=4, table_rows=100)
+    torch.testing.assert_close(every.pairs, torch.tensor([3.0, 1.0, 3.0, 3.0, 1.0]).log())
+    assert every.table == pytest.approx(math.log(0.04))
+    # K = 10 draws from the 5 targets: item 3 is expected 10 * 3/5 = 6 times among a query's candidates.
+    drawn = log_q(ids, NegativeSpec("sampled", num_sampled=10, group_size=1))
+    torch.testing.assert_close(drawn.pairs, torch.tensor([6.0, 2.0, 6.0, 6.0, 2.0]).log())
+    # Two pairs, item A twice as common: after correction both in-batch negatives weigh the same.
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    pair_ids = torch.tensor([1, 2, 2])
+    out = reference_loss(q, k, pair_ids, NegativeSpec("all"), 1.0, correction=log_q(pair_ids, NegativeSpec("all")))
+    # Query 0: positive 1 - log 1, negatives 0 - log 2 (twice) -> loss log(e + 2 * 1/2) - 1.
+    # Queries 1 and 2: positive 1 - log 2, negatives: pair 0 (0 - log 1) and the other item-2 pair (1 - log 2).
+    l0 = math.log(math.e + 1.0) - 1.0
+    l12 = math.log(math.e / 2 + 1.0 + math.e / 2) - (1.0 - math.log(2))
+    assert out.loss.item() == pytest.approx((l0 + 2 * l12) / 3, rel=1e-6)
