@@ -32,18 +32,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.orc as orc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data import kernels
 from data.batch import SequenceBatch
 from data.config import DataConfig, FeatureConfig
 from data.fs import Location, resolve
-from data.hashing import check_leaf_type, is_supported_leaf, map_ids
+from data.ids import check_leaf_type, is_supported_leaf, map_ids
+from data.ops import batch_layout, jit
+from data.ops.cut import cut_feature
+from data.ops.ragged import exclusive_cumsum, is_list_type, ranges
 
 if TYPE_CHECKING:
     from data.workers import DecodeProcesses
@@ -136,14 +137,10 @@ def list_input_files(cfg: DataConfig) -> list[tuple[str, FileFormat]]:
     return files
 
 
-def _list_like(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
 def leaf_type(column_type: pa.DataType, feature: FeatureConfig, column: str, source: str) -> pa.DataType:
     """Leaf type of a ``list<T>`` or ``list<list<T>>`` column; error for any other layout or leaf."""
-    inner = column_type.value_type if _list_like(column_type) else None
-    leaf = inner.value_type if inner is not None and _list_like(inner) else inner
+    inner = column_type.value_type if is_list_type(column_type) else None
+    leaf = inner.value_type if inner is not None and is_list_type(inner) else inner
     if leaf is None or not is_supported_leaf(leaf):
         raise ValueError(
             f"column {column!r} in {source} has Arrow type {column_type}; expected list<T> or list<list<T>> "
@@ -213,9 +210,9 @@ class FeatureRows:
     def __post_init__(self) -> None:
         # Offsets make row slicing O(slice) instead of a scan of the whole block per batch.
         if self.pos_offsets is None:
-            self.pos_offsets = _exclusive_cumsum(self.positions)
+            self.pos_offsets = exclusive_cumsum(self.positions)
         if self.bag_offsets is None:
-            self.bag_offsets = _exclusive_cumsum(self.bag_lengths)
+            self.bag_offsets = exclusive_cumsum(self.bag_lengths)
 
     def slice(self, start: int, stop: int) -> FeatureRows:
         pos_offsets = self.pos_offsets[start : stop + 1]
@@ -238,9 +235,9 @@ class FeatureRows:
     def take(self, rows: np.ndarray) -> FeatureRows:
         """The given rows, in the given order (a row permutation for the shuffle window)."""
         positions = self.positions[rows]
-        pos_index = _ranges(self.pos_offsets[rows], positions)
+        pos_index = ranges(self.pos_offsets[rows], positions)
         bag_lengths = self.bag_lengths[pos_index]
-        values = self.values[_ranges(self.bag_offsets[pos_index], bag_lengths)]
+        values = self.values[ranges(self.bag_offsets[pos_index], bag_lengths)]
         return FeatureRows(positions, bag_lengths, values)
 
 
@@ -266,18 +263,6 @@ class RowBlock:
     def concat(blocks: list[RowBlock]) -> RowBlock:
         features = [FeatureRows.concat(list(parts)) for parts in zip(*(b.features for b in blocks))]
         return RowBlock(features, sum(b.skipped for b in blocks))
-
-
-def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` over i, without a Python loop."""
-    total = int(lengths.sum())
-    return np.repeat(starts - _exclusive_cumsum(lengths)[:-1], lengths) + np.arange(total, dtype=np.int64)
 
 
 _HANDLES = threading.local()
@@ -318,123 +303,6 @@ def read_unit(unit: ReadUnit, columns: list[str]) -> dict[str, pa.Array]:
     return {name: table.column(name).combine_chunks() for name in columns}
 
 
-def _first_null(arr: pa.Array) -> int:
-    return int(np.argmax(arr.is_null().to_numpy(zero_copy_only=False)))
-
-
-def split_layout(arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """(positions per row, values per position, flat leaf values) of a list<T> or list<list<T>> column."""
-    if arr.null_count:
-        raise ValueError(f"{where}: row {_first_null(arr)} is null; null rows are not allowed")
-    positions = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    inner = pc.list_flatten(arr)
-    if _list_like(inner.type):
-        if inner.null_count:
-            raise ValueError(f"{where}: position {_first_null(inner)} (flattened) is null; use an empty list")
-        bag_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False).astype(np.int64)
-        leaves = pc.list_flatten(inner)
-    else:
-        bag_lengths = np.ones(len(inner), dtype=np.int64)  # list<T>: one value per position
-        leaves = inner
-    if leaves.null_count:
-        raise ValueError(f"{where}: value {_first_null(leaves)} (flattened) is null; nulls are not allowed")
-    return positions, bag_lengths, leaves
-
-
-def _position_in_row(positions: np.ndarray, total: int) -> np.ndarray:
-    """``[total]`` index of every position inside its row (0 for each row's first position)."""
-    return np.arange(total) - np.repeat(_exclusive_cumsum(positions)[:-1], positions)
-
-
-def _keep_positions(keep: np.ndarray, bag_lengths: np.ndarray, leaves: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """The bag lengths and leaf values of the positions where ``keep`` is set."""
-    return bag_lengths[keep], leaves.filter(pa.array(np.repeat(keep, bag_lengths)))
-
-
-def truncate(
-    positions: np.ndarray, bag_lengths: np.ndarray, leaves: pa.Array, seq_len: int, side: str
-) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """Keep at most ``seq_len`` positions per row: "right" drops from the end, "left" from the start."""
-    if not (positions > seq_len).any():
-        return positions, bag_lengths, leaves
-    t = _position_in_row(positions, len(bag_lengths))
-    keep = t < seq_len if side == "right" else t >= np.repeat(positions - seq_len, positions)
-    return np.minimum(positions, seq_len), *_keep_positions(keep, bag_lengths, leaves)
-
-
-def drop_tail(
-    positions: np.ndarray, bag_lengths: np.ndarray, leaves: pa.Array, count: int
-) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """Drop the last ``count`` positions of every row (the held-out targets of leave-one-out)."""
-    if count == 0:
-        return positions, bag_lengths, leaves
-    keep = _position_in_row(positions, len(bag_lengths)) < np.repeat(positions - count, positions)
-    return np.maximum(positions - count, 0), *_keep_positions(keep, bag_lengths, leaves)
-
-
-def _too_long(where: str, row: int, positions: int, seq_len: int) -> ValueError:
-    return ValueError(
-        f"{where}: row {row} has {positions} positions, more than seq_len {seq_len} (check_length is on)"
-    )
-
-
-@dataclass
-class _Cut:
-    """One column of a unit after validation, hold-out and truncation (see ``cut_feature``)."""
-
-    positions: np.ndarray  # [R] kept positions per row
-    bag_lengths: np.ndarray  # [P] values per kept position
-    leaves: pa.Array  # [V] the kept leaf values, not yet mapped to ids
-    empty_in_file: np.ndarray  # [R] rows without any position in the file (before the hold-out)
-    # Exclusive prefix sums of positions / bag_lengths, where the cut computed them on the way.
-    pos_offsets: np.ndarray | None = None
-    bag_offsets: np.ndarray | None = None
-
-
-def _cut_with_numpy(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
-    positions, bag_lengths, leaves = split_layout(arr, where)
-    empty_in_file = positions == 0
-    positions, bag_lengths, leaves = drop_tail(positions, bag_lengths, leaves, cfg.holdout_positions)
-    if cfg.check_length and (too_long := positions > cfg.seq_len).any():
-        row = int(np.argmax(too_long))
-        raise _too_long(where, row, int(positions[row]), cfg.seq_len)
-    positions, bag_lengths, leaves = truncate(positions, bag_lengths, leaves, cfg.seq_len, cfg.truncate_side)
-    return _Cut(positions, bag_lengths, leaves, empty_in_file)
-
-
-def _cut_with_kernel(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
-    if arr.null_count or arr.values.null_count or (_list_like(arr.values.type) and arr.values.values.null_count):
-        split_layout(arr, where)  # raises the precise error where a null is part of the column's rows
-    outer = arr.offsets.to_numpy()
-    child = arr.values  # offsets index it from its start, whatever the slice of ``arr``
-    nested = _list_like(child.type)
-    inner, leaves = (child.offsets.to_numpy(), child.values) if nested else (None, child)
-    positions, bag_lengths, pos_offsets, bag_offsets, starts, stops, contiguous, too_long = kernels.cut_positions(
-        outer, inner, cfg.holdout_positions, cfg.seq_len, cfg.truncate_side == "left", cfg.check_length
-    )
-    if too_long >= 0:
-        raise _too_long(where, too_long, int(outer[too_long + 1] - outer[too_long]) - cfg.holdout_positions,
-                        cfg.seq_len)  # fmt: skip
-    if not len(starts):
-        leaves = leaves.slice(0, 0)
-    elif contiguous:  # nothing cut between rows (no truncation): a zero-copy slice
-        leaves = leaves.slice(int(starts[0]), int(stops[-1] - starts[0]))
-    else:
-        leaves = leaves.take(pa.array(_ranges(starts, stops - starts)))
-    return _Cut(positions, bag_lengths, leaves, outer[1:] == outer[:-1], pos_offsets, bag_offsets)
-
-
-def cut_feature(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
-    """Validate, hold out and truncate one ``list<T>`` / ``list<list<T>>`` column of a unit.
-
-    One compiled pass over the Arrow offsets where numba is available (``data.kernels``),
-    else numpy passes; both give the same arrays and the same errors.
-    """
-    if kernels.enabled():
-        return _cut_with_kernel(arr, cfg, where)
-    return _cut_with_numpy(arr, cfg, where)
-
-
 def warm_decode_kernels() -> None:
     """Load (or compile) the decode kernels for the usual column types now, instead of in the first unit.
 
@@ -442,7 +310,7 @@ def warm_decode_kernels() -> None:
     decode path. The decode workers' forkserver runs this once, so that every worker forked from it starts
     with them loaded instead of paying that per worker and pass. Numpy only: no torch op runs here.
     """
-    if not kernels.enabled():
+    if not jit.enabled():
         return
     cfg = DataConfig(seq_len=1)
     columns = {
@@ -528,7 +396,7 @@ def _layout(features: list[FeatureRows], batch_size: int) -> _Layout:
     sizes = np.minimum(batch_size, num_rows - starts)
     max_lens = np.maximum.reduceat(seq_lengths, starts)
     strides = sizes * max_lens
-    bases = _exclusive_cumsum(len(features) * strides)
+    bases = exclusive_cumsum(len(features) * strides)
     batch_of_row = np.repeat(np.arange(len(starts)), sizes)
     row_in_batch = np.arange(num_rows) - starts[batch_of_row]
     row_len = max_lens[batch_of_row]
@@ -536,68 +404,12 @@ def _layout(features: list[FeatureRows], batch_size: int) -> _Layout:
     row_base = (
         bases[:-1][batch_of_row][None, :] + np.arange(len(features))[:, None] * strides[batch_of_row][None, :]
     ) + row_offset[None, :]
-    item_bases = _exclusive_cumsum(strides)
+    item_bases = exclusive_cumsum(strides)
     # Python ints: the per-batch loop of build_batches is faster on them than on numpy scalars.
     return _Layout(
         seq_lengths, np.append(starts, num_rows).tolist(), sizes.tolist(), max_lens.tolist(), strides.tolist(),
         bases.tolist(), item_bases.tolist(), row_base, item_bases[:-1][batch_of_row] + row_offset, row_len,
     )  # fmt: skip
-
-
-def _bag_lengths(features: list[FeatureRows], layout: _Layout) -> np.ndarray:
-    """[bases[-1]] int32 values per bag of every batch (0 for padding), laid out as ``_Layout`` says."""
-    if kernels.enabled():
-        lengths = np.empty(layout.bases[-1], dtype=np.int32)  # every slot is written, padding included
-        for f, base in zip(features, layout.row_base):
-            kernels.fill_lengths(f.positions, f.pos_offsets, f.bag_lengths, base, layout.row_len, lengths)
-        return lengths
-    lengths = np.zeros(layout.bases[-1], dtype=np.int32)
-    flat_positions = np.concatenate([f.positions for f in features])
-    # Cast while concatenating: a scatter that also converts int64 to int32 costs 4x one that does not.
-    bag_lengths = np.concatenate([f.bag_lengths for f in features], dtype=np.int32)
-    slots = np.repeat(layout.row_base.ravel() - _exclusive_cumsum(flat_positions)[:-1], flat_positions)
-    slots += np.arange(len(bag_lengths), dtype=np.int64)
-    lengths[slots] = bag_lengths
-    return lengths
-
-
-def _target_ids(item: FeatureRows, layout: _Layout) -> np.ndarray:
-    """[item_bases[-1]] id of the first value at every position of every batch's grid; -1 for padding and
-    empty positions."""
-    if kernels.enabled():
-        item_ids = np.empty(layout.item_bases[-1], dtype=np.int64)  # every slot is written, padding included
-        kernels.fill_items(item.positions, item.pos_offsets, item.bag_lengths, item.bag_offsets, item.values,
-                           layout.item_row, layout.row_len, item_ids)  # fmt: skip
-        return item_ids
-    item_ids = np.full(layout.item_bases[-1], -1, dtype=np.int64)
-    item_slots = np.repeat(layout.item_row - item.pos_offsets[:-1], item.positions)
-    item_slots += np.arange(len(item.bag_lengths), dtype=np.int64)
-    if len(item.values) == len(item.bag_lengths) and item.bag_lengths.min(initial=1) == 1:
-        item_ids[item_slots] = item.values  # one value per position (list<T>, single ids): no gather needed
-    else:
-        filled = item.bag_lengths > 0
-        item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
-    return item_ids
-
-
-def _batch_values(features: list[FeatureRows], layout: _Layout) -> list[np.ndarray]:
-    """Per batch: the values of feature 0's rows of the batch, then feature 1's, ... (int64)."""
-    value_bounds = np.stack([f.bag_offsets[f.pos_offsets[layout.row_bounds]] for f in features])  # [F, J + 1]
-    if kernels.enabled():
-        # One gather for all batches, then views: fewer numpy calls per batch on the GIL-holding thread.
-        counts = np.diff(value_bounds, axis=1)  # [F, J]
-        # Batch-major: batch j's values start at cuts[j], feature f's of them after features < f.
-        dest = _exclusive_cumsum(counts.T.ravel())[:-1].reshape(counts.shape[1], len(features)).T
-        values = np.empty(int(counts.sum()), dtype=np.int64)
-        for f, bounds, to in zip(features, value_bounds, dest):
-            kernels.copy_ranges(f.values, bounds[:-1], bounds[1:], to, values)
-        cuts = np.append(dest[0], len(values)).tolist()
-        return [values[cuts[j] : cuts[j + 1]] for j in range(len(cuts) - 1)]
-    bounds = value_bounds.tolist()
-    return [
-        np.concatenate([f.values[b[j] : b[j + 1]] for f, b in zip(features, bounds)]).astype(np.int64, copy=False)
-        for j in range(len(layout.sizes))
-    ]
 
 
 def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index: int) -> list[SequenceBatch]:
@@ -612,9 +424,9 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
     if block.num_rows == 0:
         raise ValueError("cannot build a batch without users")
     layout = _layout(features, batch_size)
-    lengths = _bag_lengths(features, layout)
-    item_ids = _target_ids(features[item_index], layout)
-    values = _batch_values(features, layout)
+    lengths = batch_layout.bag_lengths(features, layout.row_base, layout.row_len, layout.bases[-1])
+    item_ids = batch_layout.target_ids(features[item_index], layout.item_row, layout.row_len, layout.item_bases[-1])
+    values = batch_layout.batch_values(features, layout.row_bounds)
     rows, sizes, max_lens, strides = layout.row_bounds, layout.sizes, layout.max_lens, layout.strides
     bases, item_bases = layout.bases, layout.item_bases
     batches = []
