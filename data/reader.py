@@ -12,8 +12,8 @@ The pipeline has four stages, each a plain function or method so that one can ch
 3. **assemble** (``SequenceReader._batches``): group units into windows (permuted when a shuffle buffer is
    set), cut the ordered stream of rows into batches of ``batch_size`` users across unit boundaries, per
    epoch, and tag every batch with the ``Position`` after it (the resumable state).
-4. **build** (``build_batch``): pad a batch to its longest user and lay it out as a KJT with one bag per
-   position (see ``SequenceBatch``).
+4. **build** (``build_batches``): pad each batch to its longest user and lay it out as a KJT with one bag
+   per position (see ``SequenceBatch``).
 
 All per-value work is vectorised with pyarrow/numpy; Python loops run per feature, block or batch.
 """
@@ -364,12 +364,6 @@ def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
 
 
 # ---------------------------------------------------------------------------------------------- build
-
-
-def build_batch(block: RowBlock, keys: list[str], item_index: int) -> SequenceBatch:
-    """Pad ``block``'s users on the right to the longest one and lay them out as one bag per position."""
-    (batch,) = build_batches(block, block.num_rows, keys, item_index)
-    return batch
 
 
 @dataclass
