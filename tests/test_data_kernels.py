@@ -18,13 +18,15 @@ import pytest
 import data.reader as reader_module
 from data.config import DataConfig, FeatureConfig
 from data.ids import map_ids
+from data.layout import build_batches
 from data.ops import buckets, jit
 from data.ops.buckets import INT64_MAX
 from data.ops.cut import cut_feature, drop_tail, split_layout, truncate
 from data.ops.farmhash import farm_fingerprint64
 from data.ops.murmur import murmurhash64a
 from data.ops.strings import string_offsets
-from data.reader import FeatureRows, RowBlock, SequenceReader, build_batches
+from data.reader import SequenceReader
+from data.rows import FeatureRows, RowBlock
 from tests.test_data_reader import LL_INT, LL_STR, write_orc
 
 pytestmark = pytest.mark.skipif(not jit.enabled(), reason="numba is not installed")

@@ -175,7 +175,7 @@ def test_flat_list_layout_and_large_types(tmp_path: Path) -> None:
 
 def test_empty_positions_and_users_without_positions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = item_file(tmp_path / "e.orc", [[], [[]], [[1], [], [2]], []])
-    with caplog.at_level(logging.WARNING, logger="data.reader"):
+    with caplog.at_level(logging.WARNING, logger="data.decode"):
         (batch,) = read_all(SequenceReader(item_config(path)))
     assert batch.seq_lengths.tolist() == [1, 3]  # the user with one empty position is kept
     assert batch.item_ids.tolist() == [[-1, -1, -1], [1, -1, 2]]
