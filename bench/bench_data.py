@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow.orc as orc
 import torch
 
-from data import kernels
 from data.config import DataConfig
+from data.ops import jit
 from data.reader import SequenceReader
 from data.sample import SampleParams, generate_table, write_files
 from model.next_item import NextItemModel
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     print(f"data: {rows:,} users, {tokens:,} tokens (seq_len {cfg.seq_len}), {len(files)} ORC files; "
           f"batch {cfg.batch_size}, prefetch {cfg.prefetch}; torch threads {torch.get_num_threads()}; "
-          f"reader kernels: {'numba' if kernels.enabled() else 'numpy'}; "
+          f"reader kernels: {'numba' if jit.enabled() else 'numpy'}; "
           f"freed buffers kept mapped: {'yes' if kept_mapped else 'no'}")
     print(_table([*raw.values(), *readers, trainer], raw, trainer))
 

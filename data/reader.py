@@ -1,21 +1,21 @@
 """Read ORC/Parquet sequence files into ``SequenceBatch`` es (RecIS ``OrcDataset`` + ``SequenceTruncate``).
 
-The pipeline has four stages, each a plain function or method so that one can change without the others:
+``SequenceReader`` runs the stages, each in its own module so that one can change without the others:
 
-1. **plan**: ``list_input_files`` + ``enumerate_units`` turn ``cfg.data_paths`` (local paths or URIs, see
-   ``data.fs``) into an ordered list of ``ReadUnit`` (one ORC stripe or Parquet row group each), validating
-   every file's schema up front; ``assign_units`` gives unit i to rank ``i % world_size`` (after a seeded
-   per-epoch permutation when ``cfg.shuffle``).
-2. **decode** (``decode_unit``, runs in worker threads, or worker processes with ``cfg.read_workers`` (see
-   ``data.workers``), one unit per task): read the feature columns of one unit, check nulls, truncate to
-   ``seq_len``, map values to ids, drop users without positions -> ``RowBlock``.
-3. **assemble** (``SequenceReader._batches``): group units into windows (permuted when a shuffle buffer is
-   set), cut the ordered stream of rows into batches of ``batch_size`` users across unit boundaries, per
-   epoch, and tag every batch with the ``Position`` after it (the resumable state).
-4. **build** (``build_batch``): pad a batch to its longest user and lay it out as a KJT with one bag per
-   position (see ``SequenceBatch``).
+1. **plan** (``data.units``): ``cfg.data_paths`` -> an ordered list of ``ReadUnit`` (one ORC stripe or
+   Parquet row group each), every file's schema validated up front; unit i goes to rank ``i % world_size``
+   (after a seeded per-epoch permutation when ``cfg.shuffle``).
+2. **decode** (``data.decode``, one unit per task, on worker threads here, or in worker processes with
+   ``cfg.read_workers``, see ``data.workers``): read the feature columns of one unit, check nulls, hold
+   out, truncate to ``seq_len``, map values to ids, drop users without positions -> ``RowBlock``.
+3. **assemble** (``SequenceReader._batches``, here): group units into windows (permuted when a shuffle
+   buffer is set), cut the ordered stream of rows into batches of ``batch_size`` users across unit
+   boundaries, per epoch, and tag every batch with the ``Position`` after it (the resumable state).
+4. **build** (``data.layout.build_batches``): pad each batch to its longest user and lay it out as a KJT
+   with one bag per position (see ``SequenceBatch``).
 
-All per-value work is vectorised with pyarrow/numpy; Python loops run per feature, block or batch.
+This module is the threaded pipeline around them: decode threads, the producer thread that assembles and
+builds, the bounded handoff to the consumer, and the resume positions.
 """
 
 from __future__ import annotations
@@ -23,620 +23,25 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.orc as orc
-import pyarrow.parquet as pq
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data import kernels
 from data.batch import SequenceBatch
-from data.config import DataConfig, FeatureConfig
-from data.fs import Location, resolve
-from data.hashing import check_leaf_type, is_supported_leaf, map_ids
+from data.config import DataConfig
+from data.decode import decode_unit
+from data.layout import build_batches
+from data.rows import RowBlock
+from data.units import ReadUnit, assign_units, enumerate_units, list_input_files
 
 if TYPE_CHECKING:
     from data.workers import DecodeProcesses
 
 logger = logging.getLogger(__name__)
-
-FileFormat = Literal["orc", "parquet"]
-_EXTENSIONS: dict[str, FileFormat] = {".orc": "orc", ".parquet": "parquet", ".parq": "parquet", ".pq": "parquet"}
-
-
-# ----------------------------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class ReadUnit:
-    """The smallest piece of input a rank reads on its own: one ORC stripe or one Parquet row group."""
-
-    path: str  # as shown in messages: a local path or a URI
-    fmt: FileFormat
-    index: int
-    # Where to open it (None: ``path`` on the local filesystem). Not part of the unit's identity.
-    fs: pafs.FileSystem | None = field(default=None, compare=False, repr=False)
-    fs_path: str = field(default="", compare=False, repr=False)
-
-    @property
-    def label(self) -> str:
-        kind = "stripe" if self.fmt == "orc" else "row group"
-        return f"{self.path} ({kind} {self.index})"
-
-    def open(self) -> str | pa.NativeFile:
-        return self.path if self.fs is None else self.fs.open_input_file(self.fs_path)
-
-
-def _is_marker(name: str) -> bool:
-    # Hidden files (.crc, .DS_Store) and job markers (_SUCCESS, _committed_*, our sample marker) are not data.
-    return name.startswith((".", "_"))
-
-
-def _format_of(path: PurePath, file_format: str) -> FileFormat | None:
-    by_extension = _EXTENSIONS.get(path.suffix.lower())
-    if file_format == "auto":
-        return by_extension
-    # An explicit format also accepts extension-less Hive-style names such as part-00000.
-    if by_extension == file_format or (not path.suffix and file_format in ("orc", "parquet")):
-        return file_format  # type: ignore[return-value]
-    return None
-
-
-def _list_folder(folder: Location, file_format: str) -> list[tuple[str, FileFormat]]:
-    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=False))
-    found = []
-    for info in sorted(infos, key=lambda i: i.path):
-        fmt = _format_of(PurePath(info.base_name), file_format)
-        if info.type == pafs.FileType.File and not _is_marker(info.base_name) and fmt:
-            found.append((folder.child(info.path).shown, fmt))
-    return found
-
-
-def list_input_files(cfg: DataConfig) -> list[tuple[str, FileFormat]]:
-    """Files named by ``cfg.data_paths`` (folders expand to their data files, sorted by name).
-
-    Paths may be local or URIs of any filesystem ``data.fs.resolve`` serves (``s3://``, ``gs://``, ...).
-    """
-    paths = cfg.paths()
-    if not paths:
-        raise ValueError("data_paths is empty: name at least one ORC/Parquet file or folder")
-    files: list[tuple[str, FileFormat]] = []
-    for raw in paths:
-        location = resolve(raw)
-        try:
-            info = location.fs.get_file_info(location.path)
-        except OSError as exc:
-            raise OSError(f"cannot access data path {raw}: {exc}") from exc
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"data path does not exist: {raw}")
-        if info.type == pafs.FileType.Directory:
-            found = _list_folder(location, cfg.file_format)
-            if not found:
-                raise ValueError(f"data folder {raw} contains no .orc or .parquet files")
-            files.extend(found)
-        else:
-            # A file named explicitly is read in the configured format whatever its extension.
-            name = PurePath(location.path)
-            fmt = _format_of(name, "auto") if cfg.file_format == "auto" else cfg.file_format
-            if fmt is None:
-                raise ValueError(
-                    f"cannot tell the format of {raw} from its extension; name it .orc/.parquet or set file_format"
-                )
-            files.append((location.shown, fmt))
-    return files
-
-
-def _list_like(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
-def leaf_type(column_type: pa.DataType, feature: FeatureConfig, column: str, source: str) -> pa.DataType:
-    """Leaf type of a ``list<T>`` or ``list<list<T>>`` column; error for any other layout or leaf."""
-    inner = column_type.value_type if _list_like(column_type) else None
-    leaf = inner.value_type if inner is not None and _list_like(inner) else inner
-    if leaf is None or not is_supported_leaf(leaf):
-        raise ValueError(
-            f"column {column!r} in {source} has Arrow type {column_type}; expected list<T> or list<list<T>> "
-            "with an integer or string T"
-        )
-    check_leaf_type(feature, leaf, column, source)
-    return leaf
-
-
-def _open_file(source: str | pa.NativeFile, fmt: FileFormat) -> orc.ORCFile | pq.ParquetFile:
-    return orc.ORCFile(source) if fmt == "orc" else pq.ParquetFile(source)
-
-
-def _file_schema_and_units(source: str | pa.NativeFile, fmt: FileFormat) -> tuple[pa.Schema, int]:
-    handle = _open_file(source, fmt)
-    if fmt == "orc":
-        return handle.schema, handle.nstripes
-    return handle.schema_arrow, handle.metadata.num_row_groups
-
-
-def enumerate_units(files: list[tuple[str, FileFormat]], features: list[FeatureConfig]) -> list[ReadUnit]:
-    """All units of all files in a fixed order (file order, then stripe order); validates each schema."""
-    units: list[ReadUnit] = []
-    for path, fmt in files:
-        location = resolve(path)
-        fs = None if location.local else location.fs
-        try:
-            source = path if fs is None else fs.open_input_file(location.path)
-            schema, count = _file_schema_and_units(source, fmt)
-        except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"cannot read {fmt} file {path}: {exc}") from exc
-        for feature in features:
-            index = schema.get_field_index(feature.name)
-            if index < 0:
-                raise ValueError(f"column {feature.name!r} is missing in {path} (columns: {schema.names})")
-            leaf_type(schema.field(index).type, feature, feature.name, path)
-        units.extend(ReadUnit(path, fmt, i, fs, location.path) for i in range(count))
-    return units
-
-
-def assign_units(units: list[ReadUnit], rank: int, world_size: int) -> list[ReadUnit]:
-    """Round-robin: unit i goes to rank ``i % world_size`` (every unit read by exactly one rank)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-    if len(units) < world_size:
-        raise ValueError(
-            f"only {len(units)} read units (stripes/row groups) for {world_size} ranks: every rank needs at "
-            "least one; write more, smaller stripes or use fewer ranks"
-        )
-    return units[rank::world_size]
-
-
-# --------------------------------------------------------------------------------------------- decode
-
-
-@dataclass
-class FeatureRows:
-    """One feature of a block of users, flattened: rows -> positions -> values."""
-
-    positions: np.ndarray  # [N] positions per user
-    bag_lengths: np.ndarray  # [P] values per position
-    values: np.ndarray  # [V] int64 ids
-    # Exclusive prefix sums of positions / bag_lengths ([N+1] / [P+1]); computed when not given.
-    pos_offsets: np.ndarray | None = field(default=None, repr=False)
-    bag_offsets: np.ndarray | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        # Offsets make row slicing O(slice) instead of a scan of the whole block per batch.
-        if self.pos_offsets is None:
-            self.pos_offsets = _exclusive_cumsum(self.positions)
-        if self.bag_offsets is None:
-            self.bag_offsets = _exclusive_cumsum(self.bag_lengths)
-
-    def slice(self, start: int, stop: int) -> FeatureRows:
-        pos_offsets = self.pos_offsets[start : stop + 1]
-        p0, p1 = int(pos_offsets[0]), int(pos_offsets[-1])
-        bag_offsets = self.bag_offsets[p0 : p1 + 1]
-        v0, v1 = int(bag_offsets[0]), int(bag_offsets[-1])
-        # Rebasing the parent's offsets is cheaper than new prefix sums (slicing runs once per batch).
-        return FeatureRows(
-            self.positions[start:stop], self.bag_lengths[p0:p1], self.values[v0:v1], pos_offsets - p0, bag_offsets - v0
-        )
-
-    @staticmethod
-    def concat(parts: list[FeatureRows]) -> FeatureRows:
-        return FeatureRows(
-            np.concatenate([p.positions for p in parts]),
-            np.concatenate([p.bag_lengths for p in parts]),
-            np.concatenate([p.values for p in parts]),
-        )
-
-    def take(self, rows: np.ndarray) -> FeatureRows:
-        """The given rows, in the given order (a row permutation for the shuffle window)."""
-        positions = self.positions[rows]
-        pos_index = _ranges(self.pos_offsets[rows], positions)
-        bag_lengths = self.bag_lengths[pos_index]
-        values = self.values[_ranges(self.bag_offsets[pos_index], bag_lengths)]
-        return FeatureRows(positions, bag_lengths, values)
-
-
-@dataclass
-class RowBlock:
-    """Decoded users of one unit (or a slice/concatenation of units), one ``FeatureRows`` per feature."""
-
-    features: list[FeatureRows]
-    # Users dropped while decoding (no positions, empty_sequences = "skip").
-    skipped: int = 0
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.features[0].positions)
-
-    def slice(self, start: int, stop: int) -> RowBlock:
-        return RowBlock([f.slice(start, stop) for f in self.features])
-
-    def take(self, rows: np.ndarray) -> RowBlock:
-        return RowBlock([f.take(rows) for f in self.features], self.skipped)
-
-    @staticmethod
-    def concat(blocks: list[RowBlock]) -> RowBlock:
-        features = [FeatureRows.concat(list(parts)) for parts in zip(*(b.features for b in blocks))]
-        return RowBlock(features, sum(b.skipped for b in blocks))
-
-
-def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(counts, out=out[1:])
-    return out
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` over i, without a Python loop."""
-    total = int(lengths.sum())
-    return np.repeat(starts - _exclusive_cumsum(lengths)[:-1], lengths) + np.arange(total, dtype=np.int64)
-
-
-_HANDLES = threading.local()
-_HANDLES_PER_THREAD = 16
-
-
-def _cached_handle(unit: ReadUnit) -> orc.ORCFile | pq.ParquetFile:
-    """An open reader of ``unit``'s file, cached per thread so its footer is parsed once, not per unit.
-
-    Per thread because pyarrow's file readers are not meant to be shared across threads; the cache dies
-    with the decode threads at the end of each pass.
-    """
-    cache: OrderedDict | None = getattr(_HANDLES, "files", None)
-    if cache is None:
-        cache = _HANDLES.files = OrderedDict()
-    key = (unit.path, unit.fmt)
-    handle = cache.get(key)
-    if handle is None:
-        handle = cache[key] = _open_file(unit.open(), unit.fmt)
-        if len(cache) > _HANDLES_PER_THREAD:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return handle
-
-
-def read_unit(unit: ReadUnit, columns: list[str]) -> dict[str, pa.Array]:
-    """The given columns of one unit, each as one contiguous Arrow array."""
-    try:
-        handle = _cached_handle(unit)
-        if unit.fmt == "orc":
-            batch = handle.read_stripe(unit.index, columns=columns)
-            return {name: batch.column(name) for name in columns}
-        table = handle.read_row_group(unit.index, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
-        # A file truncated or corrupted after planning, or a remote read failing.
-        raise ValueError(f"cannot read columns {columns} of {unit.label}: {exc}") from exc
-    return {name: table.column(name).combine_chunks() for name in columns}
-
-
-def _first_null(arr: pa.Array) -> int:
-    return int(np.argmax(arr.is_null().to_numpy(zero_copy_only=False)))
-
-
-def split_layout(arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """(positions per row, values per position, flat leaf values) of a list<T> or list<list<T>> column."""
-    if arr.null_count:
-        raise ValueError(f"{where}: row {_first_null(arr)} is null; null rows are not allowed")
-    positions = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    inner = pc.list_flatten(arr)
-    if _list_like(inner.type):
-        if inner.null_count:
-            raise ValueError(f"{where}: position {_first_null(inner)} (flattened) is null; use an empty list")
-        bag_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False).astype(np.int64)
-        leaves = pc.list_flatten(inner)
-    else:
-        bag_lengths = np.ones(len(inner), dtype=np.int64)  # list<T>: one value per position
-        leaves = inner
-    if leaves.null_count:
-        raise ValueError(f"{where}: value {_first_null(leaves)} (flattened) is null; nulls are not allowed")
-    return positions, bag_lengths, leaves
-
-
-def _position_in_row(positions: np.ndarray, total: int) -> np.ndarray:
-    """``[total]`` index of every position inside its row (0 for each row's first position)."""
-    return np.arange(total) - np.repeat(_exclusive_cumsum(positions)[:-1], positions)
-
-
-def _keep_positions(keep: np.ndarray, bag_lengths: np.ndarray, leaves: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """The bag lengths and leaf values of the positions where ``keep`` is set."""
-    return bag_lengths[keep], leaves.filter(pa.array(np.repeat(keep, bag_lengths)))
-
-
-def truncate(
-    positions: np.ndarray, bag_lengths: np.ndarray, leaves: pa.Array, seq_len: int, side: str
-) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """Keep at most ``seq_len`` positions per row: "right" drops from the end, "left" from the start."""
-    if not (positions > seq_len).any():
-        return positions, bag_lengths, leaves
-    t = _position_in_row(positions, len(bag_lengths))
-    keep = t < seq_len if side == "right" else t >= np.repeat(positions - seq_len, positions)
-    return np.minimum(positions, seq_len), *_keep_positions(keep, bag_lengths, leaves)
-
-
-def drop_tail(
-    positions: np.ndarray, bag_lengths: np.ndarray, leaves: pa.Array, count: int
-) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """Drop the last ``count`` positions of every row (the held-out targets of leave-one-out)."""
-    if count == 0:
-        return positions, bag_lengths, leaves
-    keep = _position_in_row(positions, len(bag_lengths)) < np.repeat(positions - count, positions)
-    return np.maximum(positions - count, 0), *_keep_positions(keep, bag_lengths, leaves)
-
-
-def _too_long(where: str, row: int, positions: int, seq_len: int) -> ValueError:
-    return ValueError(
-        f"{where}: row {row} has {positions} positions, more than seq_len {seq_len} (check_length is on)"
-    )
-
-
-@dataclass
-class _Cut:
-    """One column of a unit after validation, hold-out and truncation (see ``cut_feature``)."""
-
-    positions: np.ndarray  # [R] kept positions per row
-    bag_lengths: np.ndarray  # [P] values per kept position
-    leaves: pa.Array  # [V] the kept leaf values, not yet mapped to ids
-    empty_in_file: np.ndarray  # [R] rows without any position in the file (before the hold-out)
-    # Exclusive prefix sums of positions / bag_lengths, where the cut computed them on the way.
-    pos_offsets: np.ndarray | None = None
-    bag_offsets: np.ndarray | None = None
-
-
-def _cut_with_numpy(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
-    positions, bag_lengths, leaves = split_layout(arr, where)
-    empty_in_file = positions == 0
-    positions, bag_lengths, leaves = drop_tail(positions, bag_lengths, leaves, cfg.holdout_positions)
-    if cfg.check_length and (too_long := positions > cfg.seq_len).any():
-        row = int(np.argmax(too_long))
-        raise _too_long(where, row, int(positions[row]), cfg.seq_len)
-    positions, bag_lengths, leaves = truncate(positions, bag_lengths, leaves, cfg.seq_len, cfg.truncate_side)
-    return _Cut(positions, bag_lengths, leaves, empty_in_file)
-
-
-def _cut_with_kernel(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
-    if arr.null_count or arr.values.null_count or (_list_like(arr.values.type) and arr.values.values.null_count):
-        split_layout(arr, where)  # raises the precise error where a null is part of the column's rows
-    outer = arr.offsets.to_numpy()
-    child = arr.values  # offsets index it from its start, whatever the slice of ``arr``
-    nested = _list_like(child.type)
-    inner, leaves = (child.offsets.to_numpy(), child.values) if nested else (None, child)
-    positions, bag_lengths, pos_offsets, bag_offsets, starts, stops, contiguous, too_long = kernels.cut_positions(
-        outer, inner, cfg.holdout_positions, cfg.seq_len, cfg.truncate_side == "left", cfg.check_length
-    )
-    if too_long >= 0:
-        raise _too_long(where, too_long, int(outer[too_long + 1] - outer[too_long]) - cfg.holdout_positions,
-                        cfg.seq_len)  # fmt: skip
-    if not len(starts):
-        leaves = leaves.slice(0, 0)
-    elif contiguous:  # nothing cut between rows (no truncation): a zero-copy slice
-        leaves = leaves.slice(int(starts[0]), int(stops[-1] - starts[0]))
-    else:
-        leaves = leaves.take(pa.array(_ranges(starts, stops - starts)))
-    return _Cut(positions, bag_lengths, leaves, outer[1:] == outer[:-1], pos_offsets, bag_offsets)
-
-
-def cut_feature(arr: pa.Array, cfg: DataConfig, where: str) -> _Cut:
-    """Validate, hold out and truncate one ``list<T>`` / ``list<list<T>>`` column of a unit.
-
-    One compiled pass over the Arrow offsets where numba is available (``data.kernels``),
-    else numpy passes; both give the same arrays and the same errors.
-    """
-    if kernels.enabled():
-        return _cut_with_kernel(arr, cfg, where)
-    return _cut_with_numpy(arr, cfg, where)
-
-
-def warm_decode_kernels() -> None:
-    """Load (or compile) the decode kernels for the usual column types now, instead of in the first unit.
-
-    numba loads each kernel from its on-disk cache at the first call of a process, about 0.15 s for the
-    decode path. The decode workers' forkserver runs this once, so that every worker forked from it starts
-    with them loaded instead of paying that per worker and pass. Numpy only: no torch op runs here.
-    """
-    if not kernels.enabled():
-        return
-    cfg = DataConfig(seq_len=1)
-    columns = {
-        "ints": pa.array([[[1], [2, 3]], []], pa.list_(pa.list_(pa.int64()))),
-        "strings": pa.array([[["pv"], ["1700000000"]]], pa.list_(pa.list_(pa.string()))),
-    }
-    features = [
-        FeatureConfig("ints", hash_bucket_size=8),
-        FeatureConfig("strings", hash_type="murmur", hash_bucket_size=8),
-        FeatureConfig("strings", hash_type="farm", hash_bucket_size=8),
-    ]
-    for feature in features:
-        map_ids(cut_feature(columns[feature.name], cfg, "warm-up").leaves, feature)
-
-
-def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
-    """Read, validate, hold out, truncate and hash one unit; users without any position are dropped."""
-    columns = read_unit(unit, [f.name for f in cfg.features])
-    rows: list[FeatureRows] = []
-    empty_before_holdout = None
-    for feature in cfg.features:
-        where = f"column {feature.name!r} in {unit.label}"
-        cut = cut_feature(columns[feature.name], cfg, where)
-        empty = cut.empty_in_file
-        empty_before_holdout = empty if empty_before_holdout is None else empty_before_holdout & empty
-        ids = map_ids(cut.leaves, feature, column=feature.name, source=unit.label)
-        rows.append(FeatureRows(cut.positions, cut.bag_lengths, ids, cut.pos_offsets, cut.bag_offsets))
-    block = RowBlock(rows)
-    seq_lengths = np.maximum.reduce([f.positions for f in rows])
-    empty = seq_lengths == 0
-    if empty.any():
-        # Users emptied by the holdout are expected (too short to train on); only users that had no
-        # positions in the file are bad input.
-        empty_in_file = empty & empty_before_holdout
-        if empty_in_file.any():
-            if cfg.empty_sequences == "error":
-                names = ", ".join(repr(f.name) for f in cfg.features)
-                raise ValueError(
-                    f"columns {names} in {unit.label}: row {int(np.argmax(empty_in_file))} has no positions "
-                    f"({int(empty_in_file.sum())} such rows; empty_sequences = \"skip\" drops them with a warning)"
-                )
-            logger.warning("%s: skipped %d users with no positions", unit.label, int(empty_in_file.sum()))
-        if (held := int(empty.sum() - empty_in_file.sum())) > 0:
-            logger.debug(
-                "%s: %d users have no positions left after holding out the last %d",
-                unit.label, held, cfg.holdout_positions,
-            )  # fmt: skip
-        # Empty users own no positions and no values, so only the per-row counts need filtering.
-        block = RowBlock([FeatureRows(f.positions[~empty], f.bag_lengths, f.values) for f in rows], int(empty.sum()))
-    return block
-
-
-# ---------------------------------------------------------------------------------------------- build
-
-
-def build_batch(block: RowBlock, keys: list[str], item_index: int) -> SequenceBatch:
-    """Pad ``block``'s users on the right to the longest one and lay them out as one bag per position."""
-    (batch,) = build_batches(block, block.num_rows, keys, item_index)
-    return batch
-
-
-@dataclass
-class _Layout:
-    """Where every batch of a block lives in the block's flat output arrays (see ``build_batches``)."""
-
-    seq_lengths: np.ndarray  # [R] positions per user (longest feature)
-    row_bounds: list[int]  # [J + 1] first row of every batch, then R
-    sizes: list[int]  # [J] users per batch
-    max_lens: list[int]  # [J] padded length per batch
-    strides: list[int]  # [J] bags per feature per batch (users * padded length)
-    bases: list[int]  # [J + 1] batch j's bag lengths: [bases[j], bases[j+1]), feature-major, user, position
-    item_bases: list[int]  # [J + 1] batch j's [users, padded length] target grid
-    row_base: np.ndarray  # [F, R] slot of every user's first bag of every feature in the lengths array
-    item_row: np.ndarray  # [R] slot of every user's first position in the target grid
-    row_len: np.ndarray  # [R] padded length of every user's batch
-
-
-def _layout(features: list[FeatureRows], batch_size: int) -> _Layout:
-    num_rows = len(features[0].positions)
-    positions = np.stack([f.positions for f in features])  # [F, R]
-    seq_lengths = positions.max(axis=0)
-    starts = np.arange(0, num_rows, batch_size)
-    sizes = np.minimum(batch_size, num_rows - starts)
-    max_lens = np.maximum.reduceat(seq_lengths, starts)
-    strides = sizes * max_lens
-    bases = _exclusive_cumsum(len(features) * strides)
-    batch_of_row = np.repeat(np.arange(len(starts)), sizes)
-    row_in_batch = np.arange(num_rows) - starts[batch_of_row]
-    row_len = max_lens[batch_of_row]
-    row_offset = row_in_batch * row_len
-    row_base = (
-        bases[:-1][batch_of_row][None, :] + np.arange(len(features))[:, None] * strides[batch_of_row][None, :]
-    ) + row_offset[None, :]
-    item_bases = _exclusive_cumsum(strides)
-    # Python ints: the per-batch loop of build_batches is faster on them than on numpy scalars.
-    return _Layout(
-        seq_lengths, np.append(starts, num_rows).tolist(), sizes.tolist(), max_lens.tolist(), strides.tolist(),
-        bases.tolist(), item_bases.tolist(), row_base, item_bases[:-1][batch_of_row] + row_offset, row_len,
-    )  # fmt: skip
-
-
-def _bag_lengths(features: list[FeatureRows], layout: _Layout) -> np.ndarray:
-    """[bases[-1]] int32 values per bag of every batch (0 for padding), laid out as ``_Layout`` says."""
-    if kernels.enabled():
-        lengths = np.empty(layout.bases[-1], dtype=np.int32)  # every slot is written, padding included
-        for f, base in zip(features, layout.row_base):
-            kernels.fill_lengths(f.positions, f.pos_offsets, f.bag_lengths, base, layout.row_len, lengths)
-        return lengths
-    lengths = np.zeros(layout.bases[-1], dtype=np.int32)
-    flat_positions = np.concatenate([f.positions for f in features])
-    # Cast while concatenating: a scatter that also converts int64 to int32 costs 4x one that does not.
-    bag_lengths = np.concatenate([f.bag_lengths for f in features], dtype=np.int32)
-    slots = np.repeat(layout.row_base.ravel() - _exclusive_cumsum(flat_positions)[:-1], flat_positions)
-    slots += np.arange(len(bag_lengths), dtype=np.int64)
-    lengths[slots] = bag_lengths
-    return lengths
-
-
-def _target_ids(item: FeatureRows, layout: _Layout) -> np.ndarray:
-    """[item_bases[-1]] id of the first value at every position of every batch's grid; -1 for padding and
-    empty positions."""
-    if kernels.enabled():
-        item_ids = np.empty(layout.item_bases[-1], dtype=np.int64)  # every slot is written, padding included
-        kernels.fill_items(item.positions, item.pos_offsets, item.bag_lengths, item.bag_offsets, item.values,
-                           layout.item_row, layout.row_len, item_ids)  # fmt: skip
-        return item_ids
-    item_ids = np.full(layout.item_bases[-1], -1, dtype=np.int64)
-    item_slots = np.repeat(layout.item_row - item.pos_offsets[:-1], item.positions)
-    item_slots += np.arange(len(item.bag_lengths), dtype=np.int64)
-    if len(item.values) == len(item.bag_lengths) and item.bag_lengths.min(initial=1) == 1:
-        item_ids[item_slots] = item.values  # one value per position (list<T>, single ids): no gather needed
-    else:
-        filled = item.bag_lengths > 0
-        item_ids[item_slots[filled]] = item.values[item.bag_offsets[:-1][filled]]
-    return item_ids
-
-
-def _batch_values(features: list[FeatureRows], layout: _Layout) -> list[np.ndarray]:
-    """Per batch: the values of feature 0's rows of the batch, then feature 1's, ... (int64)."""
-    value_bounds = np.stack([f.bag_offsets[f.pos_offsets[layout.row_bounds]] for f in features])  # [F, J + 1]
-    if kernels.enabled():
-        # One gather for all batches, then views: fewer numpy calls per batch on the GIL-holding thread.
-        counts = np.diff(value_bounds, axis=1)  # [F, J]
-        # Batch-major: batch j's values start at cuts[j], feature f's of them after features < f.
-        dest = _exclusive_cumsum(counts.T.ravel())[:-1].reshape(counts.shape[1], len(features)).T
-        values = np.empty(int(counts.sum()), dtype=np.int64)
-        for f, bounds, to in zip(features, value_bounds, dest):
-            kernels.copy_ranges(f.values, bounds[:-1], bounds[1:], to, values)
-        cuts = np.append(dest[0], len(values)).tolist()
-        return [values[cuts[j] : cuts[j + 1]] for j in range(len(cuts) - 1)]
-    bounds = value_bounds.tolist()
-    return [
-        np.concatenate([f.values[b[j] : b[j + 1]] for f, b in zip(features, bounds)]).astype(np.int64, copy=False)
-        for j in range(len(layout.sizes))
-    ]
-
-
-def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index: int) -> list[SequenceBatch]:
-    """Cut ``block`` into consecutive batches of ``batch_size`` users (the last may be smaller), each padded
-    on the right to its own longest user and laid out as one bag per position.
-
-    All batches of the block are laid out in one pass (compiled kernels, or vectorised numpy without numba),
-    then cut into views: a fixed number of calls per block instead of per batch. What is left per batch (the
-    ``KeyedJaggedTensor`` and a few views) holds the GIL that decoding needs, so it is kept to the minimum.
-    """
-    features = block.features
-    if block.num_rows == 0:
-        raise ValueError("cannot build a batch without users")
-    layout = _layout(features, batch_size)
-    lengths = _bag_lengths(features, layout)
-    item_ids = _target_ids(features[item_index], layout)
-    values = _batch_values(features, layout)
-    rows, sizes, max_lens, strides = layout.row_bounds, layout.sizes, layout.max_lens, layout.strides
-    bases, item_bases = layout.bases, layout.item_bases
-    batches = []
-    for j in range(len(sizes)):
-        kjt = KeyedJaggedTensor(
-            keys=keys,
-            values=torch.from_numpy(values[j]),
-            lengths=torch.from_numpy(lengths[bases[j] : bases[j + 1]]),
-            stride=strides[j],
-        )
-        grid = item_ids[item_bases[j] : item_bases[j + 1]].reshape(sizes[j], max_lens[j])
-        batches.append(
-            SequenceBatch(
-                sparse_features=kjt,
-                seq_lengths=torch.from_numpy(layout.seq_lengths[rows[j] : rows[j + 1]]),
-                item_ids=torch.from_numpy(grid),
-            )
-        )
-    return batches
-
-
-# ------------------------------------------------------------------------------------------- pipeline
 
 
 @dataclass
@@ -782,8 +187,9 @@ class SequenceReader:
     threads (one unit per task, so every unit is decoded by exactly one thread) and batch building on one
     more thread (with several decode threads, the batch layouts run on them too); batches come out in the
     same order whatever the thread timing, and the reader works ahead while fewer than ``cfg.prefetch``
-    batches wait (see ``_Handoff``). With ``cfg.read_workers`` > 0, worker processes decode instead of the threads (``data.workers``), with the same units, order and batches. A worker's exception
-    is re-raised in the consumer; closing (or dropping) the iterator stops the threads and processes.
+    batches wait (see ``_Handoff``). With ``cfg.read_workers`` > 0, worker processes decode instead of the
+    threads (``data.workers``), with the same units, order and batches. A worker's exception is re-raised
+    in the consumer; closing (or dropping) the iterator stops the threads and processes.
 
     Sharding: the units (ORC stripes / Parquet row groups) of all files, in file then stripe order, are
     dealt round-robin to ranks (unit i to rank ``i % world_size``); with ``cfg.shuffle`` the global unit
@@ -855,8 +261,9 @@ class SequenceReader:
 
         Batches produced ahead (prefetched) but not yet handed out by the iterator do not count: the
         position advances in the consumer's ``next()``. If the caller holds taken batches it has not trained
-        on yet, it sets ``held_batches`` to their number and the position is the one before them. Plain ints, strings and lists only (a
-        ``torch.distributed.checkpoint`` ``Stateful``). Per rank: store it under a rank-specific key.
+        on yet, it sets ``held_batches`` to their number and the position is the one before them. Plain ints,
+        strings and lists only (a ``torch.distributed.checkpoint`` ``Stateful``). Per rank: store it under a
+        rank-specific key.
         Keys: ``version``, ``epoch``, ``unit``, ``row`` (see ``Position``), ``batches_consumed``, and the
         fingerprint ``world_size``, ``rank``, ``num_units``, ``files``, ``batch_size``, ``shuffle``,
         ``shuffle_seed``, ``shuffle_buffer``.
@@ -955,7 +362,8 @@ class SequenceReader:
     def _decoder(self, stop: threading.Event) -> _ThreadDecoder | DecodeProcesses:
         name = f"SequenceReader-r{self.rank}-dec"
         if self.cfg.read_workers > 0:
-            # Imported here, not at the top: data.workers imports this module (and only processes need it).
+            # Imported here, not at the top: importing data.workers loads every decode kernel (for the workers'
+            # forkserver, see there), a cost that a reader decoding on threads need not pay.
             from data.workers import DecodeProcesses
 
             return DecodeProcesses(self.cfg, self.cfg.read_workers, name, stop)

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 
 from data.config import FeatureConfig
-from data.farmhash import farm_fingerprint64, farm_fingerprint64_strings
-from data.hashing import INT64_MAX, map_ids
+from data.ids import map_ids
+from data.ops.buckets import INT64_MAX
+from data.ops.farmhash import farm_fingerprint64, farm_fingerprint64_strings
 
 # Fingerprint64 values, one or more per code path (lengths 0, 1-3, 4-7, 8-16, 17-32, 33-64, >64 with one
 # and several 64-byte blocks). "" is farmhash's k2 = 0x9ae16a3b2f90404f, i.e. BigQuery's

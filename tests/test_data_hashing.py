@@ -9,7 +9,9 @@ import pyarrow as pa
 import pytest
 
 from data.config import FeatureConfig
-from data.hashing import INT64_MAX, check_feature, map_ids, murmurhash64a, murmurhash64a_strings
+from data.ids import check_feature, map_ids
+from data.ops.buckets import INT64_MAX
+from data.ops.murmur import murmurhash64a, murmurhash64a_strings
 
 # Computed with the scalar reference (and cross-checked once against a C build of Appleby's MurmurHash64A);
 # written literally so a change to either implementation is caught.
@@ -175,7 +177,7 @@ def test_check_feature_needs_rows_for_plain_ids() -> None:
 def test_repeated_and_distinct_columns_hash_alike(hash_type: str) -> None:
     # Mostly repeated values go through dictionary encoding, mostly distinct ones are hashed directly;
     # both paths give the same ids.
-    from data.farmhash import farm_fingerprint64
+    from data.ops.farmhash import farm_fingerprint64
 
     reference = farm_fingerprint64 if hash_type == "farm" else murmurhash64a
     repeated = pa.array(["pv", "buy"] * 600)

@@ -1,7 +1,7 @@
-"""The compiled reader kernels (data.kernels) against the scalar references and the numpy paths they replace.
+"""The compiled reader kernels (data.ops) against the scalar references and the numpy paths they replace.
 
 Every kernel has a numpy twin used without numba; both must give the same bits, the same batches and the same
-errors. Patching ``kernels.enabled`` to return False switches the reader to the twins inside one process.
+errors. Patching ``jit.enabled`` to return False switches the reader to the twins inside one process.
 """
 
 from __future__ import annotations
@@ -16,23 +16,20 @@ import pyarrow as pa
 import pytest
 
 import data.reader as reader_module
-from data import kernels
 from data.config import DataConfig, FeatureConfig
-from data.farmhash import farm_fingerprint64, string_offsets
-from data.hashing import INT64_MAX, map_ids, murmurhash64a
-from data.reader import (
-    FeatureRows,
-    RowBlock,
-    SequenceReader,
-    build_batches,
-    cut_feature,
-    drop_tail,
-    split_layout,
-    truncate,
-)
+from data.ids import map_ids
+from data.layout import build_batches
+from data.ops import buckets, jit
+from data.ops.buckets import INT64_MAX
+from data.ops.cut import cut_feature, drop_tail, split_layout, truncate
+from data.ops.farmhash import farm_fingerprint64
+from data.ops.murmur import murmurhash64a
+from data.ops.strings import string_offsets
+from data.reader import SequenceReader
+from data.rows import FeatureRows, RowBlock
 from tests.test_data_reader import LL_INT, LL_STR, write_orc
 
-pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not jit.enabled(), reason="numba is not installed")
 
 _ALPHABET = "az09 _-" + "éßñü" + "中文字✓€" + "😀🚀"
 
@@ -55,12 +52,12 @@ def test_hashes_match_scalar_references_on_every_length(arrow_type: pa.DataType)
     # A slice, so that offsets do not start at 0 and the last string ends inside the data buffer.
     array = pa.array(["head", *texts, "tail"], arrow_type).slice(1, len(texts))
     offsets, data = string_offsets(array)
-    murmur = kernels.hash_strings(data, offsets, "murmur")
+    murmur = buckets.hash_strings(data, offsets, "murmur")
     assert murmur.dtype == np.uint64
     assert [int(h) for h in murmur] == [murmurhash64a(t.encode()) for t in texts]
-    seeded = kernels.hash_strings(data, offsets, "murmur", seed=7)
+    seeded = buckets.hash_strings(data, offsets, "murmur", seed=7)
     assert [int(h) for h in seeded[:50]] == [murmurhash64a(t.encode(), 7) for t in texts[:50]]
-    farm = kernels.hash_strings(data, offsets, "farm")
+    farm = buckets.hash_strings(data, offsets, "farm")
     assert [int(h) for h in farm] == [farm_fingerprint64(t.encode()) for t in texts]
 
 
@@ -69,7 +66,7 @@ def test_tail_at_the_very_end_of_the_buffer() -> None:
     for text in ("a", "abcdefghi", "1700000000"):
         offsets, data = string_offsets(pa.array([text]))
         assert len(data) == len(text.encode())
-        assert int(kernels.hash_strings(data, offsets, "murmur")[0]) == murmurhash64a(text.encode())
+        assert int(buckets.hash_strings(data, offsets, "murmur")[0]) == murmurhash64a(text.encode())
 
 
 @pytest.mark.parametrize("hash_type", ["murmur", "farm"])
@@ -79,7 +76,7 @@ def test_hash_ids_bucket_mapping(hash_type: str, bucket: int) -> None:
     reference = murmurhash64a if hash_type == "murmur" else farm_fingerprint64
     expected = [reference(t.encode()) % bucket if bucket else reference(t.encode()) & INT64_MAX for t in texts]
     offsets, data = string_offsets(pa.array(texts))
-    ids = kernels.hash_ids(data, offsets, hash_type, bucket)
+    ids = buckets.hash_ids(data, offsets, hash_type, bucket)
     assert ids.dtype == np.int64 and ids.tolist() == expected
 
 
@@ -102,7 +99,7 @@ def test_map_ids_same_with_and_without_kernels(feature: FeatureConfig, monkeypat
         # Mostly repeated values take the numpy path's dictionary branch, the timestamps its direct one.
         values = pa.array([str(v) for v in rng.choice([1, 2, 3, 17, 1_700_000_000], 3000)])
     compiled = map_ids(values, feature)
-    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    monkeypatch.setattr(jit, "enabled", lambda: False)
     assert compiled.tolist() == map_ids(values, feature).tolist()
 
 
@@ -112,7 +109,7 @@ def test_invalid_int_ids_same_error_with_and_without_kernels(bad: int, monkeypat
     values = pa.array([1, 2, bad, 4], pa.int64())
     with pytest.raises(ValueError) as compiled:
         map_ids(values, feature, column="item_id", source="f.orc")
-    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    monkeypatch.setattr(jit, "enabled", lambda: False)
     with pytest.raises(ValueError) as reference:
         map_ids(values, feature, column="item_id", source="f.orc")
     assert str(compiled.value) == str(reference.value) and str(bad) in str(compiled.value)
@@ -161,7 +158,7 @@ def test_check_length_and_nulls_same_errors_with_and_without_kernels(monkeypatch
         with pytest.raises(ValueError) as info:
             cut_feature(arr, cfg, "column 'item_id' in f.orc")
         compiled.append(str(info.value))
-    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    monkeypatch.setattr(jit, "enabled", lambda: False)
     for arr, message in zip((too_long, null_leaf), compiled):
         with pytest.raises(ValueError) as info:
             cut_feature(arr, cfg, "column 'item_id' in f.orc")
@@ -189,7 +186,7 @@ def test_build_batches_matches_numpy_path(item_index: int, monkeypatch: pytest.M
     for part in (block, block.slice(17, 190)):
         compiled = build_batches(part, 16, keys, item_index)
         with monkeypatch.context() as patch:
-            patch.setattr(kernels, "enabled", lambda: False)
+            patch.setattr(jit, "enabled", lambda: False)
             reference = build_batches(part, 16, keys, item_index)
         assert len(compiled) == len(reference) == -(-part.num_rows // 16)
         for got, want in zip(compiled, reference):
@@ -229,7 +226,7 @@ def test_reader_batches_identical_with_and_without_kernels(
         return out
 
     compiled = batches()
-    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    monkeypatch.setattr(jit, "enabled", lambda: False)
     assert compiled == batches()
     assert sum(len(b[3]) for b in compiled) == sum(len(user) > 1 for user in items)  # emptied by the hold-out
 

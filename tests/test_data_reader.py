@@ -20,7 +20,8 @@ import torch
 
 from data.batch import SequenceBatch
 from data.config import DataConfig, FeatureConfig
-from data.hashing import INT64_MAX, murmurhash64a
+from data.ops.buckets import INT64_MAX
+from data.ops.murmur import murmurhash64a
 from data.reader import SequenceReader
 
 LL_INT = pa.list_(pa.list_(pa.int64()))
@@ -174,7 +175,7 @@ def test_flat_list_layout_and_large_types(tmp_path: Path) -> None:
 
 def test_empty_positions_and_users_without_positions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = item_file(tmp_path / "e.orc", [[], [[]], [[1], [], [2]], []])
-    with caplog.at_level(logging.WARNING, logger="data.reader"):
+    with caplog.at_level(logging.WARNING, logger="data.decode"):
         (batch,) = read_all(SequenceReader(item_config(path)))
     assert batch.seq_lengths.tolist() == [1, 3]  # the user with one empty position is kept
     assert batch.item_ids.tolist() == [[-1, -1, -1], [1, -1, 2]]
@@ -411,7 +412,7 @@ def test_out_of_range_id_names_file_column_and_value(tmp_path: Path) -> None:
 
 
 def test_farm_hash_feature(tmp_path: Path) -> None:
-    from data.farmhash import farm_fingerprint64
+    from data.ops.farmhash import farm_fingerprint64
 
     path = write_orc(tmp_path / "f.orc", {"item_id": pa.array([[["a"], ["pv"]]], LL_STR)})
     cfg = DataConfig(data_paths=str(path), batch_size=1, features=[FeatureConfig("item_id", hash_type="farm")])

@@ -203,7 +203,7 @@ def test_shuffled_ranks_read_disjoint_units_covering_everything(tmp_path: Path, 
 def test_empty_sequences_counted_or_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = item_file(tmp_path / "e.orc", [[[1]], [], [[2]], [], []])
     reader = SequenceReader(item_config(path, batch_size=1))
-    with caplog.at_level(logging.WARNING, logger="data.reader"):
+    with caplog.at_level(logging.WARNING, logger="data.decode"):
         assert len(list(reader)) == 2
     assert reader.rows_skipped == 3
     assert any("e.orc (stripe 0): skipped 3 users" in r.getMessage() for r in caplog.records)

@@ -145,7 +145,7 @@ def test_an_error_that_cannot_be_pickled_arrives_as_text() -> None:
 def test_worker_logs_reach_the_parent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = item_file(tmp_path / "e.orc", [[[1]], [], [[2]], [], []])
     reader = SequenceReader(item_config(path, batch_size=1, read_workers=1))
-    with caplog.at_level(logging.WARNING, logger="data.reader"):
+    with caplog.at_level(logging.WARNING, logger="data.decode"):
         assert len(list(reader)) == 2
     assert reader.rows_skipped == 3
     assert any("e.orc (stripe 0): skipped 3 users" in r.getMessage() for r in caplog.records)

@@ -1,14 +1,16 @@
-"""FarmHash ``Fingerprint64`` (``farmhashna::Hash64`` of Google's farmhash), scalar and vectorised.
+"""FarmHash ``Fingerprint64`` (``farmhashna::Hash64`` of Google's farmhash): scalar reference, numpy path, kernel.
 
 ``Fingerprint64`` is the stable (platform- and version-independent) 64-bit FarmHash: the function behind
 TensorFlow's ``Fingerprint64`` and BigQuery's ``FARM_FINGERPRINT``, and RecIS's ``hash_type="farm"``.
-Both implementations here are written from the published definition (farmhash.cc, ``farmhashna``):
+All three implementations here are written from the published definition (farmhash.cc, ``farmhashna``):
 
-* ``farm_fingerprint64(data)`` is a plain-Python scalar reference, slow, kept to pin the fast one down;
+* ``farm_fingerprint64(data)`` is a plain-Python scalar reference, slow, kept to pin the fast ones down;
 * ``farm_fingerprint64_strings(array)`` hashes a whole Arrow string array with numpy ``uint64`` arithmetic
   (which wraps modulo 2**64 like the C code). Strings are grouped by the length class that selects the
   code path (0, 1-3, 4-7, 8-16, 17-32, 33-64, >64 bytes); each class is computed for all its strings at
-  once, and the >64-byte loop advances all long strings one 64-byte block per step.
+  once, and the >64-byte loop advances all long strings one 64-byte block per step;
+* ``farm_ids`` is the numba kernel: one loop over the Arrow buffers that hashes and buckets every string
+  (``data.ops.buckets.hash_ids`` calls it); None without numba.
 
 Byte loads are little-endian (farmhash's ``Fetch`` on the little-endian machines everyone runs).
 """
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+
+from data.ops.jit import inline, kernel
+from data.ops.strings import ByteWindows, fetch32, fetch64, string_buffers
 
 _MASK64 = (1 << 64) - 1
 K0 = 0xC3A5C85C97CB3127
@@ -161,41 +166,10 @@ def farm_fingerprint64(data: bytes) -> int:
     return _len_over_64(data)
 
 
-# ----------------------------------------------------------------------------------------- vectorised
+# ----------------------------------------------------------------------------------------------- numpy
 
 _U = np.uint64
 _K0, _K1, _K2 = _U(K0), _U(K1), _U(K2)
-
-
-def string_offsets(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The ``[n + 1]`` offsets (int32, or int64 for large_string) of a string array into its UTF-8 byte
-    buffer, and that buffer: string i is ``data[offsets[i]:offsets[i + 1]]``. Zero-copy views."""
-    offset_type = np.int64 if pa.types.is_large_string(strings.type) else np.int32
-    buffers = strings.buffers()
-    offsets = np.frombuffer(buffers[1], dtype=offset_type)[strings.offset : strings.offset + len(strings) + 1]
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
-    return offsets, data
-
-
-def string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start offset and byte length of every string, and the raw UTF-8 byte buffer they index."""
-    offsets, data = string_offsets(strings)
-    return offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64), data
-
-
-class ByteWindows:
-    """Little-endian loads at any byte offset of a buffer, as single numpy gathers.
-
-    ``w64[i]`` is the uint64 of bytes ``i..i+7`` (``w32`` likewise for 4 bytes): overlapping, unaligned
-    strided views over a copy padded with 8 zero bytes, so a load that runs past a string's end (masked by
-    the caller) never runs past the buffer. One gather per load instead of gathering 8 single bytes.
-    """
-
-    def __init__(self, data: np.ndarray) -> None:
-        self.raw = np.zeros(len(data) + 8, dtype=np.uint8)
-        self.raw[: len(data)] = data
-        self.w64 = np.ndarray((len(data) + 1,), dtype="<u8", buffer=self.raw, strides=(1,))
-        self.w32 = np.ndarray((len(data) + 5,), dtype="<u4", buffer=self.raw, strides=(1,))
 
 
 def _f64(d: ByteWindows, pos: np.ndarray) -> np.ndarray:
@@ -336,3 +310,152 @@ def farm_fingerprint64_strings(strings: pa.Array) -> np.ndarray:
         if sel.any():
             out[sel] = _v_over_64(windows, starts[sel], lengths[sel])
     return out
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+# The same code paths as the scalar reference, in uint64 arithmetic (every constant a uint64: numba
+# promotes uint64 mixed with a signed int to float64). Helpers are inlined into ``farm_ids``.
+
+_Z = _U(0)
+_ONE = _U(1)
+_TWO = _U(2)
+_NINE = _U(9)
+_FF = _U(0xFF)
+_R47 = _U(47)
+_SEED_X = _U(_SEED)
+_SEED_Y = _U((_SEED * K1 + 113) & _MASK64)
+
+
+@inline
+def _nb_rot(v, shift):
+    return (v >> _U(shift)) | (v << _U(64 - shift))
+
+
+@inline
+def _nb_mix(v):
+    return v ^ (v >> _R47)
+
+
+@inline
+def _nb_len16(u, v, mul):
+    a = _nb_mix((u ^ v) * mul)
+    b = _nb_mix((v ^ a) * mul)
+    return b * mul
+
+
+@inline
+def _nb_0_to_16(data, s, n):
+    un = _U(n)
+    if n >= 8:
+        mul = _K2 + un * _TWO
+        a = fetch64(data, s) + _K2
+        b = fetch64(data, s + n - 8)
+        return _nb_len16(_nb_rot(b, 37) * mul + a, (_nb_rot(a, 25) + b) * mul, mul)
+    if n >= 4:
+        a = fetch32(data, s)
+        return _nb_len16(un + (a << _U(3)), fetch32(data, s + n - 4), _K2 + un * _TWO)
+    if n > 0:
+        y = _U(data[s]) + (_U(data[s + (n >> 1)]) << _U(8))
+        z = un + (_U(data[s + n - 1]) << _TWO)
+        return _nb_mix((y * _K2) ^ (z * _K0)) * _K2
+    return _K2
+
+
+@inline
+def _nb_17_to_32(data, s, n):
+    mul = _K2 + _U(n) * _TWO
+    a = fetch64(data, s) * _K1
+    b = fetch64(data, s + 8)
+    c = fetch64(data, s + n - 8) * mul
+    d = fetch64(data, s + n - 16) * _K2
+    return _nb_len16(_nb_rot(a + b, 43) + _nb_rot(c, 30) + d, a + _nb_rot(b + _K2, 18) + c, mul)
+
+
+@inline
+def _nb_33_to_64(data, s, n):
+    mul = _K2 + _U(n) * _TWO
+    a = fetch64(data, s) * _K2
+    b = fetch64(data, s + 8)
+    c = fetch64(data, s + n - 8) * mul
+    d = fetch64(data, s + n - 16) * _K2
+    y = _nb_rot(a + b, 43) + _nb_rot(c, 30) + d
+    z = _nb_len16(y, a + _nb_rot(b + _K2, 18) + c, mul)
+    e = fetch64(data, s + 16) * mul
+    f = fetch64(data, s + 24)
+    g = (y + fetch64(data, s + n - 32)) * mul
+    h = (z + fetch64(data, s + n - 24)) * mul
+    return _nb_len16(_nb_rot(e + f, 43) + _nb_rot(g, 30) + h, e + _nb_rot(f + a, 18) + g, mul)
+
+
+@inline
+def _nb_weak32(data, p, a, b):
+    """``WeakHashLen32WithSeeds`` over the 32 bytes at ``p``: the new (a, b) pair."""
+    w = fetch64(data, p)
+    x = fetch64(data, p + 8)
+    y = fetch64(data, p + 16)
+    z = fetch64(data, p + 24)
+    a += w
+    b = _nb_rot(b + a + z, 21)
+    c = a
+    a += x + y
+    b += _nb_rot(a, 44)
+    return a + z, b + c
+
+
+@inline
+def _nb_over_64(data, s, n):
+    x = _SEED_X
+    y = _SEED_Y
+    z = _nb_mix(y * _K2 + _U(113)) * _K2
+    v0 = _Z
+    v1 = _Z
+    w0 = _Z
+    w1 = _Z
+    x = x * _K2 + fetch64(data, s)
+    # Every full 64-byte block but the last; the tail step re-reads the string's last 64 bytes.
+    p = s
+    end = s + ((n - 1) // 64) * 64
+    while p < end:
+        x = _nb_rot(x + y + v0 + fetch64(data, p + 8), 37) * _K1
+        y = _nb_rot(y + v1 + fetch64(data, p + 48), 42) * _K1
+        x ^= w1
+        y += v0 + fetch64(data, p + 40)
+        z = _nb_rot(z + w0, 33) * _K1
+        v0, v1 = _nb_weak32(data, p, v1 * _K1, x + w0)
+        w0, w1 = _nb_weak32(data, p + 32, z + w1, y + fetch64(data, p + 16))
+        z, x = x, z
+        p += 64
+    mul = _K1 + ((z & _FF) << _ONE)
+    p = s + n - 64
+    w0 += _U((n - 1) & 63)
+    v0 += w0
+    w0 += v0
+    x = _nb_rot(x + y + v0 + fetch64(data, p + 8), 37) * mul
+    y = _nb_rot(y + v1 + fetch64(data, p + 48), 42) * mul
+    x ^= w1 * _NINE
+    y += v0 * _NINE + fetch64(data, p + 40)
+    z = _nb_rot(z + w0, 33) * mul
+    v0, v1 = _nb_weak32(data, p, v1 * mul, x + w0)
+    w0, w1 = _nb_weak32(data, p + 32, z + w1, y + fetch64(data, p + 16))
+    z, x = x, z
+    return _nb_len16(_nb_len16(v0, w0, mul) + _nb_mix(y) * _K0 + z, _nb_len16(v1, w1, mul) + x, mul)
+
+
+@inline
+def _nb_farm(data, s, n):
+    if n <= 16:
+        return _nb_0_to_16(data, s, n)
+    if n <= 32:
+        return _nb_17_to_32(data, s, n)
+    if n <= 64:
+        return _nb_33_to_64(data, s, n)
+    return _nb_over_64(data, s, n)
+
+
+@kernel
+def farm_ids(data, offsets, operand, modulo, out):
+    """``out[i]``: the fingerprint of string i (``data[offsets[i]:offsets[i + 1]]``), then ``% operand``
+    with ``modulo``, else ``& operand`` (a uint64)."""
+    for i in range(len(out)):
+        h = _nb_farm(data, offsets[i], offsets[i + 1] - offsets[i])
+        out[i] = np.int64(h % operand) if modulo else np.int64(h & operand)
