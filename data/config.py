@@ -107,6 +107,10 @@ class DataConfig:
     holdout_positions: int = 0
     # Feature whose ids are the prediction targets (used to mask same-item false negatives).
     item_feature: str = "item_id"
+    # Column of per-position event times, Unix seconds as integers or decimal strings (the seed's
+    # "timestamp"), read in addition to the features (it may be one of them too): batches then carry
+    # ``SequenceBatch.timestamps`` (the HSTU encoder's relative time bias). "" = none.
+    time_feature: str = ""
     # Seeded, reproducible shuffle: unit (stripe / row group) order per epoch, plus rows permuted within
     # windows of at least shuffle_buffer rows (0 = unit order only). Same seed, same batches.
     shuffle: bool = False

@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.orc as orc
 import pyarrow.parquet as pq
 
@@ -86,9 +87,33 @@ def warm_decode_kernels() -> None:
         map_ids(cut_feature(columns[feature.name], cfg, "warm-up").leaves, feature)
 
 
+def parse_times(leaves: pa.Array, where: str) -> np.ndarray:
+    """Event times as int64 seconds from integer or decimal-string leaves; anything else is an error."""
+    try:
+        return pc.cast(leaves, pa.int64(), safe=True).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"{where}: event times must be integers or decimal strings (Unix seconds): {exc}") from exc
+
+
+def _time_rows(column: pa.Array, cfg: DataConfig, unit: ReadUnit, item: FeatureRows) -> FeatureRows:
+    """The event-time column as one more ``FeatureRows`` (values: seconds), cut like the features."""
+    where = f"time column {cfg.time_feature!r} in {unit.label}"
+    cut = cut_feature(column, cfg, where)
+    mismatch = np.flatnonzero(cut.positions != item.positions)
+    if mismatch.size:
+        row = int(mismatch[0])
+        raise ValueError(
+            f"{where}: row {row} has {int(cut.positions[row])} positions but item column {cfg.item_feature!r} "
+            f"has {int(item.positions[row])}; every position needs its event time"
+        )
+    return FeatureRows(cut.positions, cut.bag_lengths, parse_times(cut.leaves, where), cut.pos_offsets, cut.bag_offsets)
+
+
 def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
-    """Read, validate, hold out, truncate and hash one unit; users without any position are dropped."""
-    columns = read_unit(unit, [f.name for f in cfg.features])
+    """Read, validate, hold out, truncate and hash one unit; users without any position are dropped. With
+    ``cfg.time_feature`` the block holds one more ``FeatureRows`` after the features: the event times."""
+    names = [f.name for f in cfg.features]
+    columns = read_unit(unit, names + ([cfg.time_feature] if cfg.time_feature not in ("", *names) else []))
     rows: list[FeatureRows] = []
     empty_before_holdout = None
     for feature in cfg.features:
@@ -98,6 +123,8 @@ def decode_unit(unit: ReadUnit, cfg: DataConfig) -> RowBlock:
         empty_before_holdout = empty if empty_before_holdout is None else empty_before_holdout & empty
         ids = map_ids(cut.leaves, feature, column=feature.name, source=unit.label)
         rows.append(FeatureRows(cut.positions, cut.bag_lengths, ids, cut.pos_offsets, cut.bag_offsets))
+    if cfg.time_feature:
+        rows.append(_time_rows(columns[cfg.time_feature], cfg, unit, rows[names.index(cfg.item_feature)]))
     block = RowBlock(rows)
     seq_lengths = np.maximum.reduce([f.positions for f in rows])
     empty = seq_lengths == 0

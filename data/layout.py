@@ -69,12 +69,15 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
     then cut into views: a fixed number of calls per block instead of per batch. What is left per batch (the
     ``KeyedJaggedTensor`` and a few views) holds the GIL that decoding needs, so it is kept to the minimum.
     """
-    features = block.features
+    # The features of ``keys``, then the event times if the block has them (``decode_unit``).
+    features, times = block.features[: len(keys)], block.features[len(keys) :]
     if block.num_rows == 0:
         raise ValueError("cannot build a batch without users")
     layout = _layout(features, batch_size)
     lengths = batch_layout.bag_lengths(features, layout.row_base, layout.row_len, layout.bases[-1])
     item_ids = batch_layout.target_ids(features[item_index], layout.item_row, layout.row_len, layout.item_bases[-1])
+    # The first time value of each position, like the item grid (same positions per user: checked at decode).
+    time_grid = batch_layout.target_ids(times[0], layout.item_row, layout.row_len, layout.item_bases[-1]) if times else None
     values = batch_layout.batch_values(features, layout.row_bounds)
     rows, sizes, max_lens, strides = layout.row_bounds, layout.sizes, layout.max_lens, layout.strides
     bases, item_bases = layout.bases, layout.item_bases
@@ -87,11 +90,15 @@ def build_batches(block: RowBlock, batch_size: int, keys: list[str], item_index:
             stride=strides[j],
         )
         grid = item_ids[item_bases[j] : item_bases[j + 1]].reshape(sizes[j], max_lens[j])
+        stamps = None
+        if time_grid is not None:
+            stamps = torch.from_numpy(time_grid[item_bases[j] : item_bases[j + 1]].reshape(sizes[j], max_lens[j]))
         batches.append(
             SequenceBatch(
                 sparse_features=kjt,
                 seq_lengths=torch.from_numpy(layout.seq_lengths[rows[j] : rows[j + 1]]),
                 item_ids=torch.from_numpy(grid),
+                timestamps=stamps,
             )
         )
     return batches

@@ -206,7 +206,7 @@ class SequenceReader:
         self.keys = [f.name for f in cfg.features]
         self.item_index = self.keys.index(cfg.item_feature)
         self.files = list_input_files(cfg)
-        self.all_units = enumerate_units(self.files, cfg.features)
+        self.all_units = enumerate_units(self.files, cfg.features, cfg.time_feature)
         self.units = assign_units(self.all_units, rank, world_size)
         # Users without positions dropped so far (empty_sequences = "skip"). Counted where units are decoded,
         # so it includes units decoded ahead of the batches consumed.

@@ -131,8 +131,13 @@ def _file_schema_and_units(source: str | pa.NativeFile, fmt: FileFormat) -> tupl
     return handle.schema_arrow, handle.metadata.num_row_groups
 
 
-def enumerate_units(files: list[tuple[str, FileFormat]], features: list[FeatureConfig]) -> list[ReadUnit]:
-    """All units of all files in a fixed order (file order, then stripe order); validates each schema."""
+def enumerate_units(
+    files: list[tuple[str, FileFormat]], features: list[FeatureConfig], time_column: str = ""
+) -> list[ReadUnit]:
+    """All units of all files in a fixed order (file order, then stripe order); validates each schema
+    (the features' columns, and the event-time column if there is one)."""
+    # The time column takes integers or decimal strings: checked like a hashed feature's column.
+    checked = [*features, FeatureConfig(time_column, hash_type="murmur")] if time_column else features
     units: list[ReadUnit] = []
     for path, fmt in files:
         location = resolve(path)
@@ -142,7 +147,7 @@ def enumerate_units(files: list[tuple[str, FileFormat]], features: list[FeatureC
             schema, count = _file_schema_and_units(source, fmt)
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"cannot read {fmt} file {path}: {exc}") from exc
-        for feature in features:
+        for feature in checked:
             index = schema.get_field_index(feature.name)
             if index < 0:
                 raise ValueError(f"column {feature.name!r} is missing in {path} (columns: {schema.names})")

@@ -17,7 +17,10 @@ from trainer.config import JobConfig
 def build_model(cfg: JobConfig, device: torch.device | None = None) -> NextItemModel:
     """The model of ``cfg``: on ``meta`` for sharding (DMP materialises each rank's own shards), on the CPU
     (default) for export and single-process use."""
-    return NextItemModel(cfg.data.features, cfg.model, device=device, item_feature=cfg.data.item_feature)
+    return NextItemModel(
+        cfg.data.features, cfg.model, device=device, item_feature=cfg.data.item_feature,
+        max_len=cfg.data.seq_len, with_time=bool(cfg.data.time_feature),
+    )  # fmt: skip
 
 
 class TrainStep(nn.Module):

@@ -329,6 +329,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("optim.dense_betas must hold two numbers")
     if m.max_positions < 0:
         raise ConfigError(f"model.max_positions must be >= 0, got {m.max_positions}")
+    _validate_encoder(cfg)
     if m.attention == "varlen" and t.device == "cpu":
         raise ConfigError("model.attention = 'varlen' is FlashAttention's CUDA kernel; train.device is 'cpu' (use 'auto')")
     _validate_targets(cfg)
@@ -367,6 +368,23 @@ def _validate_targets(cfg: JobConfig) -> None:
     _validate_negatives(m)
 
 
+def _validate_encoder(cfg: JobConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if m.encoder == "hstu":
+        if m.attention == "varlen":
+            raise ConfigError(
+                "model.attention = 'varlen' is softmax attention (FlashAttention); model.encoder = 'hstu' "
+                "attends pointwise: use 'auto', 'grouped' or 'padded'"
+            )
+        if m.hstu_attention_dim < 0 or m.hstu_linear_dim < 0:
+            raise ConfigError("model.hstu_attention_dim and model.hstu_linear_dim must be >= 0 (0 = hidden_size / nhead)")
+    if d.time_feature and m.encoder != "hstu":
+        raise ConfigError(
+            f"data.time_feature = {d.time_feature!r}: event times feed HSTU's relative time bias; set "
+            "model.encoder = 'hstu' or leave data.time_feature empty"
+        )
+
+
 def _validate_negatives(m: ModelConfig) -> None:
     if m.in_batch_negatives == "sampled":
         _positive({"model.num_in_batch_negatives": m.num_in_batch_negatives, "model.in_batch_group_size": m.in_batch_group_size})
@@ -377,6 +395,11 @@ def _validate_negatives(m: ModelConfig) -> None:
         )
     if m.loss_chunk_size < 0:
         raise ConfigError(f"model.loss_chunk_size must be >= 0 (0 = automatic), got {m.loss_chunk_size}")
+    if m.seed_loss_bugs and (m.in_batch_negatives != "all" or m.logq_correction or m.encoder != "transformer"):
+        raise ConfigError(
+            f"model.seed_loss_bugs {m.seed_loss_bugs} reproduce the seed's loss and model: they need "
+            "model.in_batch_negatives = 'all', model.logq_correction = false and model.encoder = 'transformer'"
+        )
     if m.seed_loss_bugs and m.in_batch_negatives != "all":
         raise ConfigError(
             f"model.seed_loss_bugs {m.seed_loss_bugs} reproduce the seed's loss, whose negatives are all in-batch "

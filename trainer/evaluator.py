@@ -269,7 +269,8 @@ class Evaluator:
         embeddings = self.model.sparse(kjt.to(self.ctx.device))
         item_ids = batch.item_ids.to(self.ctx.device)
         lengths = batch.seq_lengths.to(self.ctx.device).long()
-        hidden, _ = self.model.dense.encode(embeddings, item_ids.shape, lengths)
+        times = None if batch.timestamps is None else batch.timestamps.to(self.ctx.device)
+        hidden, _ = self.model.dense.encode(embeddings, item_ids.shape, lengths, times)
         last = (lengths - 1).clamp(min=0)
         rows = torch.arange(lengths.numel(), device=item_ids.device)
         targets = item_ids[rows, last]
