@@ -39,9 +39,9 @@ from data.config import DataConfig
 from data.ops import jit
 from data.reader import SequenceReader
 from data.sample import SampleParams, generate_table, write_files
-from model.next_item import NextItemModel
-from trainer.config import load_config
 from runtime.host import keep_freed_buffers_mapped
+from trainer.build import build_model
+from trainer.config import load_config
 
 
 @dataclasses.dataclass
@@ -130,7 +130,7 @@ def reader_rate(cfg: DataConfig, threads: int, workers: int = 0) -> Rate:
 def trainer_rate(config_path: str, data_cfg: DataConfig, steps: int) -> Rate:
     job = load_config(config_path)
     torch.manual_seed(0)
-    model = NextItemModel(job.data.features, job.model)
+    model = build_model(job)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.optim.dense_lr)
     batches = list(itertools.islice(SequenceReader(data_cfg, epochs=0), steps + 2))

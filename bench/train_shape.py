@@ -114,7 +114,7 @@ def synthetic_batches(shape: Shape) -> list[SequenceBatch]:
 
 def _batch(shape: Shape, rng: np.random.Generator) -> SequenceBatch:
     lengths = rng.integers(max(2, shape.seq_len // 4), shape.seq_len + 1, size=shape.batch)
-    width = int(lengths.max())  # padded to the longest user, like data.reader.build_batches
+    width = int(lengths.max())  # padded to the longest user, like data.layout.build_batches
     real = (np.arange(width)[None, :] < lengths[:, None]).ravel()  # [B*T] real positions
     bag_lengths, values = [], []
     for name, rows in shape.rows().items():
