@@ -1,11 +1,12 @@
 """Convert event logs into the seed's ORC schema: one row per user, events oldest first.
 
-``python -m data.convert {taobao,sasrec,events} INPUT... --out DIR [options]`` (``--help`` on each).
+``python -m data.convert {taobao,sasrec,movielens,events} INPUT... --out DIR [options]`` (``--help`` on each).
 
 Output schema (the seed's, see README "Data"): ``user_id`` int64 and, per event, one position holding one
 value: ``item_id`` / ``cate_id`` as ``list<list<int64>>``, ``behavior_id`` / ``timestamp`` as
 ``list<list<string>>`` (timestamps in decimal). Columns the source does not have are left out (SASRec text
-has only users and items, so its output has ``user_id`` and ``item_id``).
+has only users and items, so its output has ``user_id`` and ``item_id``). MovieLens categories are the
+movie's genres, several per position (``cate_id`` then holds one value per genre of the movie).
 
 Streaming, in two passes so that inputs larger than memory work:
 
@@ -58,6 +59,9 @@ class Source:
     csv_names: list[str] | None = None  # column names of a header-less CSV
     delimiter: str = ","
     time_kind: str = "int"  # sort timestamps as "int" or as "string"
+    # item id -> its categories (MovieLens genres): cate_id becomes a list per event, looked up by item.
+    item_categories: dict[int, list[int]] | None = None
+    item_categories_path: Path | None = None
 
 
 @dataclass
@@ -173,6 +177,46 @@ def _time_key(values: pa.Array, source: Source, column: str, first_line: int) ->
     return text, text
 
 
+def _categories_of(items: pa.Array, source: Source, first_line: int) -> pa.Array:
+    """``list<int64>`` categories of each event's item; an item the categories file lacks is an error."""
+    assert source.item_categories is not None
+    table = source.item_categories
+    lists = []
+    for i, item in enumerate(items.to_numpy(zero_copy_only=False).tolist()):
+        found = table.get(item)
+        if found is None:
+            raise _fail(source, "item", first_line + i, f"item {item} is not in {source.item_categories_path}")
+        lists.append(found)
+    return pa.array(lists, pa.list_(pa.int64()))
+
+
+def read_movielens_items(path: Path) -> dict[int, list[int]]:
+    """MovieLens ``u.item`` (``|``-separated, ISO-8859-1): movie id -> indices of its genre flags (0-18, in
+    the file's genre order; a movie without any flag gets the "unknown" genre 0)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--items: file does not exist: {path}")
+    genres: dict[int, list[int]] = {}
+    for line_no, line in enumerate(path.read_text(encoding="iso-8859-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) != 5 + _MOVIELENS_GENRES or not fields[0].isdigit():
+            raise ValueError(
+                f"{path}, line {line_no}: expected 'movie id | title | release date | video release date | "
+                f"IMDb URL' and {_MOVIELENS_GENRES} genre flags, got {len(fields)} fields"
+            )
+        flags = fields[5:]
+        if any(flag not in ("0", "1") for flag in flags):
+            raise ValueError(f"{path}, line {line_no}: genre flags must be 0 or 1, got {flags}")
+        genres[int(fields[0])] = [i for i, flag in enumerate(flags) if flag == "1"] or [0]
+    if not genres:
+        raise ValueError(f"{path}: no movies")
+    return genres
+
+
+_MOVIELENS_GENRES = 19
+
+
 def _first_true(mask: pa.Array) -> int:
     return int(np.argmax(mask.to_numpy(zero_copy_only=False)))
 
@@ -188,6 +232,8 @@ def normalise_chunk(batch: pa.RecordBatch, source: Source, first_line: int, firs
             columns[out] = _as_strings(values, source, src, first_line)
         else:  # timestamp
             columns["_time"], columns[out] = _time_key(values, source, src, first_line)
+    if source.item_categories is not None:
+        columns["cate_id"] = _categories_of(columns["item_id"], source, first_line)
     if "_time" not in columns:
         columns["_time"] = pa.array(np.zeros(batch.num_rows, dtype=np.int64))
     columns["_seq"] = pa.array(np.arange(first_event, first_event + batch.num_rows, dtype=np.int64))
@@ -212,10 +258,14 @@ def read_events(source: Source, opts: Options, first_event: int) -> Iterator[pa.
 
 
 def _nested(values: pa.Array, row_offsets: np.ndarray) -> pa.Array:
-    """list<list<T>> with one value per position and ``row_offsets`` delimiting the users."""
+    """list<list<T>> with ``row_offsets`` delimiting the users: one value per position, or the values of
+    each position where ``values`` is already a list per event (several categories)."""
     if len(values) > np.iinfo(np.int32).max:
         raise ValueError(f"{len(values)} events in one part: use more --parts")
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(len(values) + 1, dtype=np.int32)), values)
+    if pa.types.is_list(values.type):
+        inner = values
+    else:
+        inner = pa.ListArray.from_arrays(pa.array(np.arange(len(values) + 1, dtype=np.int32)), values)
     return pa.ListArray.from_arrays(pa.array(row_offsets.astype(np.int32)), inner)
 
 
@@ -337,6 +387,14 @@ def _parser() -> argparse.ArgumentParser:
         "time order within each user) -> user_id, item_id"
     )
     _common(sasrec)
+    movielens = sub.add_parser(
+        "movielens", help="MovieLens ratings (u.data) + genres (u.item)", description="MovieLens 100K-style "
+        "ratings, tab-separated without a header ('user item rating timestamp'), sorted by time per user -> "
+        "user_id, item_id, behavior_id (the rating, 1-5, as text), timestamp; with --items, cate_id = the "
+        "movie's genres (several values per position)"
+    )
+    _common(movielens)
+    movielens.add_argument("--items", type=Path, help="the movies file (u.item: '|'-separated, ISO-8859-1) for cate_id")
     events = sub.add_parser(
         "events", help="generic CSV/Parquet event log", description="Generic event log (CSV with a header, or "
         "Parquet) with a column mapping -> user_id, item_id and the optional columns mapped"
@@ -364,6 +422,14 @@ def sources_from_args(args: argparse.Namespace) -> list[Source]:
     if args.kind == "sasrec":
         mapping = {"user_id": "user", "item_id": "item"}
         return [Source(p, "csv", mapping, ["user", "item"], " ") for p in _inputs(args.inputs, (".txt",))]
+    if args.kind == "movielens":
+        names = ["user", "item", "rating", "time"]
+        mapping = {"user_id": "user", "item_id": "item", "behavior_id": "rating", "timestamp": "time"}
+        genres = read_movielens_items(args.items) if args.items else None
+        return [
+            Source(p, "csv", mapping, names, "\t", item_categories=genres, item_categories_path=args.items)
+            for p in _inputs(args.inputs, (".data", ".tsv", ".txt", ".csv"))
+        ]
     mapping = {"user_id": args.user, "item_id": args.item}
     optional = {"cate_id": args.cate, "behavior_id": args.behavior, "timestamp": args.time}
     mapping.update({out: src for out, src in optional.items() if src})

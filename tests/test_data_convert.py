@@ -19,6 +19,8 @@ from data.reader import SequenceReader
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TAOBAO = SHARED / "taobao_userbehavior_sample.csv"
 SASREC = SHARED / "amazon_games_sasrec.txt"
+ML_RATINGS = SHARED / "movielens_100k_ratings.tsv"
+ML_ITEMS = SHARED / "movielens_100k_items.psv"
 LL_INT = pa.list_(pa.list_(pa.int64()))
 LL_STR = pa.list_(pa.list_(pa.string()))
 
@@ -125,6 +127,58 @@ def test_sasrec_keeps_line_order(tmp_path: Path) -> None:
     assert run(["sasrec", src, "--out", tmp_path / "o", "--parts", 1]) == 0
     rows = read_parts(tmp_path / "o").to_pylist()
     assert [(r["user_id"], flat_row(r["item_id"])) for r in rows] == [(1, [5, 3, 4]), (2, [9])]
+
+
+# ---------------------------------------------------------------------------------------- MovieLens
+
+
+@pytest.mark.skipif(not ML_RATINGS.exists(), reason=f"shared MovieLens 100K not found at {ML_RATINGS}")
+def test_movielens_100k_with_genres_through_the_reader(tmp_path: Path) -> None:
+    from data.config import DataConfig, FeatureConfig
+    from data.reader import SequenceReader
+
+    out = tmp_path / "ml"
+    assert run(["movielens", ML_RATINGS, "--items", ML_ITEMS, "--out", out, "--parts", 2]) == 0
+    table = read_parts(out)
+    assert table.column_names == ["user_id", "item_id", "cate_id", "behavior_id", "timestamp"]
+    assert table.num_rows == 943 and sum(len(r) for r in table.column("item_id").to_pylist()) == 100_000
+    for row in table.slice(0, 20).to_pylist():
+        times = [int(t[0]) for t in row["timestamp"]]
+        assert times == sorted(times) and {r[0] for r in row["behavior_id"]} <= {"1", "2", "3", "4", "5"}
+    # Toy Story (movie 1) is Animation, Children's, Comedy: genre flags 3, 4, 5.
+    rows = table.to_pylist()
+    toy = next(c for r in rows for i, c in zip(r["item_id"], r["cate_id"]) if i == [1])
+    assert toy == [3, 4, 5]
+    cfg = DataConfig(data_paths=str(out), batch_size=64, seq_len=200, truncate_side="left", time_feature="timestamp", drop_remainder=False,
+                     features=[FeatureConfig("item_id", num_embeddings=1683), FeatureConfig("cate_id", num_embeddings=19)])  # fmt: skip
+    batches = list(SequenceReader(cfg))
+    assert sum(b.batch_size for b in batches) == 943 and all(b.timestamps is not None for b in batches)
+
+
+def test_movielens_sorts_by_time_and_keeps_several_genres(tmp_path: Path) -> None:
+    ratings = tmp_path / "u.data"
+    ratings.write_text("2\t7\t5\t300\n1\t7\t3\t200\n1\t8\t4\t100\n")
+    items = tmp_path / "u.item"
+    flags = lambda *on: "|".join("1" if i in on else "0" for i in range(19))  # noqa: E731
+    items.write_text(f"7|Seven (1995)|01-Jan-1995||http://x|{flags(1, 16)}\n8|Eight|||http://y|{flags()}\n",
+                     encoding="iso-8859-1")  # fmt: skip
+    assert run(["movielens", ratings, "--items", items, "--out", tmp_path / "o", "--parts", 1]) == 0
+    rows = read_parts(tmp_path / "o").to_pylist()
+    assert [r["user_id"] for r in rows] == [1, 2]
+    assert flat_row(rows[0]["item_id"]) == [8, 7] and rows[0]["cate_id"] == [[0], [1, 16]]  # no flag: "unknown"
+    assert rows[0]["behavior_id"] == [["4"], ["3"]] and rows[0]["timestamp"] == [["100"], ["200"]]
+
+
+def test_movielens_bad_items_name_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ratings = tmp_path / "u.data"
+    ratings.write_text("1\t7\t3\t200\n1\t9\t4\t300\n")
+    items = tmp_path / "u.item"
+    items.write_text("7|Seven|||x|" + "|".join(["0"] * 19) + "\n")
+    assert run(["movielens", ratings, "--items", items, "--out", tmp_path / "o"]) == 1
+    assert "column 'item', line 2: item 9 is not in" in capsys.readouterr().err
+    items.write_text("7|Seven|||x|0|1\n")
+    assert run(["movielens", ratings, "--items", items, "--out", tmp_path / "o2"]) == 1
+    assert f"{items}, line 1: expected" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- events
@@ -257,7 +311,7 @@ def test_truncated_parquet_and_missing_file_and_empty_folder(tmp_path: Path, cap
 
 
 def test_help_of_every_subcommand(capsys: pytest.CaptureFixture) -> None:
-    for kind in ("taobao", "sasrec", "events"):
+    for kind in ("taobao", "sasrec", "movielens", "events"):
         with pytest.raises(SystemExit) as info:
             main([kind, "--help"])
         assert info.value.code == 0
