@@ -206,7 +206,7 @@ class SequenceReader:
         self.keys = [f.name for f in cfg.features]
         self.item_index = self.keys.index(cfg.item_feature)
         self.files = list_input_files(cfg)
-        self.all_units = enumerate_units(self.files, cfg.features, cfg.time_feature)
+        self.all_units, self.total_rows = enumerate_units(self.files, cfg.features, cfg.time_feature)
         self.units = assign_units(self.all_units, rank, world_size)
         # Users without positions dropped so far (empty_sequences = "skip"). Counted where units are decoded,
         # so it includes units decoded ahead of the batches consumed.
@@ -224,6 +224,14 @@ class SequenceReader:
         self.cfg.validate()
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0 (0 = forever), not {self.epochs}")
+
+    def estimated_batches_per_epoch(self) -> int:
+        """Batches each rank trains per epoch, from the files' row counts (their footers): what epoch-based
+        schedules convert to steps. An estimate: users skipped while decoding (no positions left after the
+        hold-out) and an uneven deal of stripes to ranks make the true count a little lower."""
+        per_rank = self.total_rows // self.world_size
+        full, rest = divmod(per_rank, self.cfg.batch_size)
+        return max(1, full + (0 if self.cfg.drop_remainder or not rest else 1))
 
     def describe(self) -> str:
         """One log line: what this rank reads and how."""

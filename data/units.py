@@ -124,27 +124,29 @@ def open_file(source: str | pa.NativeFile, fmt: FileFormat) -> orc.ORCFile | pq.
     return orc.ORCFile(source) if fmt == "orc" else pq.ParquetFile(source)
 
 
-def _file_schema_and_units(source: str | pa.NativeFile, fmt: FileFormat) -> tuple[pa.Schema, int]:
+def _file_schema_and_units(source: str | pa.NativeFile, fmt: FileFormat) -> tuple[pa.Schema, int, int]:
+    """Schema, units and rows of one file (all from its footer)."""
     handle = open_file(source, fmt)
     if fmt == "orc":
-        return handle.schema, handle.nstripes
-    return handle.schema_arrow, handle.metadata.num_row_groups
+        return handle.schema, handle.nstripes, handle.nrows
+    return handle.schema_arrow, handle.metadata.num_row_groups, handle.metadata.num_rows
 
 
 def enumerate_units(
     files: list[tuple[str, FileFormat]], features: list[FeatureConfig], time_column: str = ""
-) -> list[ReadUnit]:
-    """All units of all files in a fixed order (file order, then stripe order); validates each schema
-    (the features' columns, and the event-time column if there is one)."""
+) -> tuple[list[ReadUnit], int]:
+    """All units of all files in a fixed order (file order, then stripe order), and the files' rows in all;
+    validates each schema (the features' columns, and the event-time column if there is one)."""
     # The time column takes integers or decimal strings: checked like a hashed feature's column.
     checked = [*features, FeatureConfig(time_column, hash_type="murmur")] if time_column else features
     units: list[ReadUnit] = []
+    rows = 0
     for path, fmt in files:
         location = resolve(path)
         fs = None if location.local else location.fs
         try:
             source = path if fs is None else fs.open_input_file(location.path)
-            schema, count = _file_schema_and_units(source, fmt)
+            schema, count, file_rows = _file_schema_and_units(source, fmt)
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"cannot read {fmt} file {path}: {exc}") from exc
         for feature in checked:
@@ -153,7 +155,8 @@ def enumerate_units(
                 raise ValueError(f"column {feature.name!r} is missing in {path} (columns: {schema.names})")
             leaf_type(schema.field(index).type, feature, feature.name, path)
         units.extend(ReadUnit(path, fmt, i, fs, location.path) for i in range(count))
-    return units
+        rows += file_rows
+    return units, rows
 
 
 def assign_units(units: list[ReadUnit], rank: int, world_size: int) -> list[ReadUnit]:

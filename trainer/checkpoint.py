@@ -98,6 +98,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete ``step_<N>`` folders of a run's output folder, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
 class CheckpointManager:
     def __init__(self, output_dir: Path, ctx: DistContext, max_to_keep: int) -> None:
         self.output_dir = output_dir
@@ -110,14 +122,7 @@ class CheckpointManager:
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete ``step_<N>`` folders, oldest first."""
-        if not self.output_dir.is_dir():
-            return []
-        found = [
-            (int(m.group(1)), p)
-            for p in self.output_dir.iterdir()
-            if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()
-        ]
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.output_dir)
 
     def latest(self) -> Path | None:
         done = self.complete_checkpoints()
@@ -230,17 +235,19 @@ class BestCheckpoint:
         self.metric = metric
         self.value = -math.inf
         self.path: Path | None = None
+        self.step: int | None = None
         if self.file.is_file():
             saved = json.loads(self.file.read_text())
             if saved.get("metric") == metric:
                 self.value = float(saved["value"])
                 self.path = Path(saved["checkpoint"]) if saved.get("checkpoint") else None
+                self.step = int(saved["step"]) if "step" in saved else None
 
     def improves(self, value: float) -> bool:
         return value > self.value
 
     def mark(self, step: int, value: float, checkpoint: Path | None) -> None:
-        self.value, self.path = value, checkpoint
+        self.value, self.path, self.step = value, checkpoint, step
         record = {"metric": self.metric, "value": value, "step": step, "checkpoint": str(checkpoint or "")}
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")

@@ -111,8 +111,19 @@ class TrainConfig:
     progress_bar: bool = True
     # Seconds a rank waits in a collective before giving up, so a crashed peer cannot hang the job.
     collective_timeout_s: float = 300.0
-    # Evaluate (the [eval] section) every eval_steps steps and at the end of training (0 = never).
+    # Evaluate (the [eval] section) every eval_steps steps and at the end of training (0 = never) ...
     eval_steps: int = 0
+    # ... or every eval_epochs passes over the data (e.g. 1.0; converted to steps with the reader's estimate
+    # of an epoch, from the files' row counts).
+    eval_epochs: float = 0.0
+    # Stop once eval.best_metric has not improved for this many evaluations in a row (0 = never): with a
+    # generous train_epochs a recipe trains "until validation stops improving", and the best checkpoint
+    # (best.json) is what `./launch.sh eval --checkpoint OUTPUT_DIR` evaluates.
+    early_stop_patience: int = 0
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_steps or self.eval_epochs)
 
 
 @dataclass
@@ -323,8 +334,6 @@ def validate(cfg: JobConfig) -> None:
     o = cfg.optim
     if o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
-    if o.lr_decay != "constant" and t.train_steps == 0:
-        raise ConfigError(f"optim.lr_decay = {o.lr_decay!r} decays towards train.train_steps, which is 0")
     if len(cfg.optim.dense_betas) != 2:
         raise ConfigError("optim.dense_betas must hold two numbers")
     if m.max_positions < 0:
@@ -409,8 +418,12 @@ def _validate_negatives(m: ModelConfig) -> None:
 
 def _validate_eval(cfg: JobConfig) -> None:
     e, t = cfg.eval, cfg.train
-    if t.eval_steps < 0:
-        raise ConfigError(f"train.eval_steps must be >= 0, got {t.eval_steps}")
+    if t.eval_steps < 0 or t.eval_epochs < 0 or t.early_stop_patience < 0:
+        raise ConfigError("train.eval_steps, train.eval_epochs and train.early_stop_patience must be >= 0")
+    if t.eval_steps and t.eval_epochs:
+        raise ConfigError("set train.eval_steps or train.eval_epochs, not both")
+    if t.early_stop_patience and not t.evaluates:
+        raise ConfigError("train.early_stop_patience stops on the validation metric: set train.eval_epochs or train.eval_steps")
     _positive({"eval.num_negatives": e.num_negatives, "eval.item_chunk": e.item_chunk})
     if e.batch_size < 0:
         raise ConfigError(f"eval.batch_size must be >= 0 (0 = data.batch_size), got {e.batch_size}")
@@ -418,9 +431,9 @@ def _validate_eval(cfg: JobConfig) -> None:
         raise ConfigError(f"eval.ks must be a non-empty list of positive cut-offs, got {e.ks}")
     if e.best_metric not in e.metric_names():
         raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not one of {e.metric_names()}")
-    if not t.eval_steps:
+    if not t.evaluates:
         return
-    require_ranking(cfg, "evaluation (train.eval_steps)")
+    require_ranking(cfg, "evaluation (train.eval_steps / train.eval_epochs)")
     if cfg.data.holdout_positions < 2 and not e.data_paths:
         raise ConfigError(
             "train.eval_steps: the evaluation targets (each user's last two items) would be trained on; set "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from runtime.logs import setup_logging
 from trainer.build import build_train_module
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import MARKER, CheckpointManager, complete_checkpoints
 from trainer.config import ConfigError, JobConfig, load_config, require_ranking
 from trainer.dist import destroy_distributed, init_distributed
 from trainer.evaluator import EvalResult, Evaluator
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0:
             logger.error("bad config: %s", e)
         return 2
-    checkpoint = Path(args.checkpoint)
     try:
+        checkpoint = resolve_checkpoint(Path(args.checkpoint))
         result = _evaluate_checkpoint(cfg, checkpoint)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         logger.error("%s: %s", type(e).__name__, e)
@@ -64,6 +64,28 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result.metrics))
         logger.info("wrote %s", out)
     return 0
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder as given, or for a run's output folder its best checkpoint (``best.json``, written
+    by validation during training), else its latest complete one."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint: folder {path} does not exist")
+    if (path / MARKER).is_file():
+        return path
+    best = path / "best.json"
+    if best.is_file():
+        record = json.loads(best.read_text())
+        if record.get("checkpoint"):
+            chosen = Path(record["checkpoint"])
+            logger.info("%s: the best checkpoint by %s (%.4f at step %s): %s", path, record.get("metric"),
+                        record.get("value", float("nan")), record.get("step"), chosen)  # fmt: skip
+            return chosen
+    done = complete_checkpoints(path)
+    if not done:
+        raise FileNotFoundError(f"--checkpoint: {path} is neither a checkpoint nor a run folder holding one")
+    logger.info("%s: no best checkpoint marked; evaluating the latest, %s", path, done[-1])
+    return done[-1]
 
 
 def _evaluate_checkpoint(cfg: JobConfig, checkpoint: Path) -> EvalResult:

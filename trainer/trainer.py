@@ -52,6 +52,8 @@ class _Run:
     trained: int = 0
     saved_at: int = 0
     evaluated_at: int = 0
+    # Early stopping: the validation metric stopped improving (train.early_stop_patience).
+    stop: bool = False
 
 
 class Trainer:
@@ -69,10 +71,11 @@ class Trainer:
             else batches
         )
         # Built on meta: no rank ever allocates a full table; DMP materialises only its own shards.
+        self.eval_interval, schedule_steps = self._step_counts()
         self.model = shard_model(build_train_module(cfg), cfg, ctx)
         compile_transformer(self.model, cfg.model, ctx.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.train_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, schedule_steps)
         self.checkpoints = CheckpointManager(self.output_dir, ctx, cfg.train.max_to_keep)
         self.step = 0
         self._restore()
@@ -82,6 +85,26 @@ class Trainer:
         self.batches = StepAlignedBatches(self.reader, ctx, self._negative_sampler())
         t = cfg.train
         self.metrics = MetricLogger(ctx, self.output_dir, t.train_steps, t.progress_bar, start_step=self.step)
+
+    def _step_counts(self) -> tuple[int, int]:
+        """(steps between evaluations, steps the LR schedule spans), converting epoch-based settings with
+        the reader's estimate of an epoch (logged, so a recipe's epochs can be read as steps)."""
+        t = self.cfg.train
+        needs_epoch = bool(t.eval_epochs) or (self.cfg.optim.lr_decay != "constant" and not t.train_steps)
+        if not needs_epoch:
+            return t.eval_steps, t.train_steps
+        if not isinstance(self.reader, SequenceReader):
+            raise ValueError("train.eval_epochs and epoch-long LR schedules need a SequenceReader's epoch estimate")
+        epoch = self.reader.estimated_batches_per_epoch()
+        interval = t.eval_steps or max(1, round(t.eval_epochs * epoch))
+        schedule = t.train_steps or t.train_epochs * epoch
+        if self.ctx.is_main:
+            logger.info(
+                "an epoch is about %d steps (the files' %d rows over %d ranks, batch %d): evaluating every %s, "
+                "LR schedule over %d steps", epoch, self.reader.total_rows, self.ctx.world_size,
+                self.cfg.data.batch_size, f"{interval} steps" if interval else "- (never)", schedule,
+            )  # fmt: skip
+        return interval, schedule
 
     def _write_resolved_config(self) -> None:
         if self.ctx.is_main:
@@ -141,7 +164,8 @@ class Trainer:
         run.saved_at = self.step
 
     def _evaluate(self, run: _Run) -> None:
-        """Validation metrics now; a new best is checkpointed (if checkpoints are on) and marked."""
+        """Validation metrics now; a new best is checkpointed (if checkpoints are on) and marked; no new best
+        for ``train.early_stop_patience`` evaluations stops the run."""
         # The pipeline is empty here (StepAlignedBatches paused at this step, so it trained what it held);
         # evaluation calls the sparse modules directly, so their own forward goes back in place. The
         # next progress() attaches the model again and refills the pipeline.
@@ -153,6 +177,7 @@ class Trainer:
             write_result(self.output_dir, self.step, result)
         value = result.metrics[self.cfg.eval.best_metric]
         if not self.best.improves(value):
+            self._check_patience(run)
             return
         if self.cfg.train.save_steps and run.saved_at != self.step:
             self._save(run)
@@ -160,8 +185,22 @@ class Trainer:
         if self.ctx.is_main:
             self.best.mark(self.step, value, checkpoint)
         else:
-            self.best.value = value
+            self.best.value, self.best.step = value, self.step
         self.checkpoints.keep = self.best.path
+
+    def _check_patience(self, run: _Run) -> None:
+        """Counted from the best's step (kept in best.json), so a resumed run stops where an uninterrupted
+        one would. Every rank sees the same metrics, so all stop at the same step."""
+        patience = self.cfg.train.early_stop_patience
+        if not patience or self.best.step is None:
+            return
+        if self.step - self.best.step >= patience * self.eval_interval:
+            run.stop = True
+            if self.ctx.is_main:
+                logger.info(
+                    "early stop at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
+                    self.step, self.cfg.eval.best_metric, patience, self.best.value, self.best.step,
+                )  # fmt: skip
 
     def _log_managed_collisions(self) -> None:
         """Ids admitted to and evicted from bucket-0 (managed-collision) tables, summed over ranks."""
@@ -202,6 +241,8 @@ class Trainer:
                 run.trained += 1
                 if self._after_step(run):
                     feed = self.batches.until(self._pause_step(run))
+                if run.stop:
+                    break
             self._finish(run)
         finally:
             self.metrics.close()
@@ -217,7 +258,7 @@ class Trainer:
             self._log_managed_collisions()
         if cfg.save_steps and self.step % cfg.save_steps == 0:
             self._save(run)
-        if cfg.eval_steps and self.step % cfg.eval_steps == 0:
+        if self.eval_interval and self.step % self.eval_interval == 0:
             self._evaluate(run)
             return True
         return False
@@ -229,16 +270,16 @@ class Trainer:
             self.metrics.log(self.step)  # the tail of the run since the last log line
         if cfg.save_steps and run.saved_at != self.step:
             self._save(run)
-        if cfg.eval_steps and run.evaluated_at != self.step:
+        if self.eval_interval and run.evaluated_at != self.step:
             self._evaluate(run)
 
     def _pause_step(self, run: _Run) -> int | None:
         """Batches to pull in this run before the pipeline must run empty: at the next evaluation and at the
         last step, so that evaluation never meets batches in flight. None when nothing evaluates."""
         cfg = self.cfg.train
-        if not cfg.eval_steps:
+        if not self.eval_interval:
             return None
-        stop = (self.step // cfg.eval_steps + 1) * cfg.eval_steps
+        stop = (self.step // self.eval_interval + 1) * self.eval_interval
         if cfg.train_steps:
             stop = min(stop, cfg.train_steps)
         return stop - run.start
