@@ -31,8 +31,8 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
   ./launch.sh plan CONFIG.toml --world-size N --hbm-gb G [--local-world-size M] [--ddr-gb D]
                    [--batch-size B] [--json] [overrides...]
         Dry run of the embedding sharding plan for N GPUs (no GPU needed); exits 1 if it does not fit.
-  ./launch.sh eval [CONFIG.toml] --checkpoint outputs/RUN/step_N [--eval.key=value ...]
-        Leave-one-out evaluation of a checkpoint (test split; --eval.split=valid for validation,
+  ./launch.sh eval [CONFIG.toml] --checkpoint outputs/RUN[/step_N] [--eval.key=value ...]
+        Leave-one-out evaluation of a checkpoint, or of a run folder's best one (test split; --eval.split=valid for validation,
         --eval.protocol=sampled for the SASRec paper's 100-negative protocol). Prints the metrics and
         writes them to CHECKPOINT/eval_<split>_<protocol>.json.
   ./launch.sh export --checkpoint outputs/RUN/step_N --out DIR [--format parquet|npy]

@@ -99,6 +99,8 @@ class TrainConfig:
     log_steps: int = 10
     # Write a checkpoint every save_steps steps and at the end (0 = no checkpoints).
     save_steps: int = 0
+    # Write a checkpoint at every new best validation value (eval.best_metric), also without save_steps.
+    save_best: bool = False
     # Complete checkpoints kept in output_dir; older ones are removed once a newer one is complete (0 = all).
     max_to_keep: int = 3
     # Continue from the latest complete checkpoint in output_dir when there is one (RecIS behaviour).
@@ -422,6 +424,8 @@ def _validate_eval(cfg: JobConfig) -> None:
         raise ConfigError("train.eval_steps, train.eval_epochs and train.early_stop_patience must be >= 0")
     if t.eval_steps and t.eval_epochs:
         raise ConfigError("set train.eval_steps or train.eval_epochs, not both")
+    if t.save_best and not t.evaluates:
+        raise ConfigError("train.save_best checkpoints the best validation value: set train.eval_epochs or train.eval_steps")
     if t.early_stop_patience and not t.evaluates:
         raise ConfigError("train.early_stop_patience stops on the validation metric: set train.eval_epochs or train.eval_steps")
     _positive({"eval.num_negatives": e.num_negatives, "eval.item_chunk": e.item_chunk})

@@ -33,7 +33,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         ),
     )
     parser.add_argument("--config", required=True, help="TOML config the checkpoint was trained with")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (output_dir/step_N)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (output_dir/step_N), or a run's output_dir: its best checkpoint"
+    )
     parser.add_argument(
         "--out", help="write the metrics as JSON here (default: CHECKPOINT/eval_<split>_<protocol>.json)"
     )

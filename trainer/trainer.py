@@ -179,7 +179,7 @@ class Trainer:
         if not self.best.improves(value):
             self._check_patience(run)
             return
-        if self.cfg.train.save_steps and run.saved_at != self.step:
+        if (self.cfg.train.save_steps or self.cfg.train.save_best) and run.saved_at != self.step:
             self._save(run)
         checkpoint = self.checkpoints.output_dir / f"step_{self.step}" if run.saved_at == self.step else None
         if self.ctx.is_main:
