@@ -7,28 +7,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from data.sample import SampleParams, ensure_sample_data
+from tests.util import REPO_ROOT, launched, run_job, torchrun
 from trainer.checkpoint import MARKER, signature, signature_differences
 from trainer.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 # Exact resume: the same batches, RNG streams and optimizer states give bit-identical losses on CPU;
 # 1e-6 leaves room only for a different summation order, which would itself be a bug to look at.
 RESUME_TOLERANCE = 1e-6
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_sample_data(tmp_path_factory.mktemp("sample"), SampleParams(users=1200, files=4, rows_per_stripe=64))
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +44,9 @@ def _args(sample: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _launch(nproc: int, args: list[str], max_restarts: int = 0) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-        "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", f"--max_restarts={max_restarts}",
-        "-m", "trainer.main", *args,
-    ]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _run(nproc: int, args: list[str], max_restarts: int = 0) -> subprocess.CompletedProcess[str]:
-    proc = _launch(nproc, args, max_restarts)
-    out, _ = proc.communicate(timeout=TIMEOUT_S)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+def _run(nproc: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """A torchrun job of ``nproc`` ranks to its end; its log (stderr with stdout) in ``.stdout``."""
+    return run_job(torchrun(*args, nproc=nproc), timeout_s=TIMEOUT_S, merge_stderr=True)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -123,8 +106,8 @@ def test_incompatible_checkpoint_names_what_differs(sample_dir: Path, two_step_r
 
 
 def test_signature_differences_lists_every_change() -> None:
-    cfg = load_config(ROOT / "configs" / "default.toml")
-    other = load_config(ROOT / "configs" / "default.toml", ["--model.num_layers=3", "--data.features.3.name=ts"])
+    cfg = load_config(REPO_ROOT / "configs" / "default.toml")
+    other = load_config(REPO_ROOT / "configs" / "default.toml", ["--model.num_layers=3", "--data.features.3.name=ts"])
     diffs = signature_differences(signature(cfg), signature(other))
     assert "model.num_layers: 2 in the checkpoint, 3 now" in diffs
     assert "table 'timestamp' is in the checkpoint but not in the config" in diffs
@@ -183,14 +166,12 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = TIMEOUT_
 def test_killed_rank(sample_dir: Path, tmp_path: Path, max_restarts: int) -> None:
     out = tmp_path / "run"
     steps = "--train.train_steps=60" if max_restarts else "--train.train_steps=100000"
-    proc = _launch(2, _args(sample_dir, out, steps, "--train.save_steps=20", "--train.train_epochs=0"), max_restarts)
-    try:
+    args = _args(sample_dir, out, steps, "--train.save_steps=20", "--train.train_epochs=0")
+    with launched(torchrun(*args, nproc=2, max_restarts=max_restarts), stderr=subprocess.STDOUT) as proc:
         _wait_for(out / "step_20", proc)
         os.kill(_rank_pid(1, out), signal.SIGKILL)
         start = time.monotonic()
         output, _ = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        proc.kill()
     if max_restarts == 0:
         # The surviving rank does not wait out the collective timeout: torchrun stops it.
         assert proc.returncode != 0
@@ -215,7 +196,7 @@ def test_export_reloads_to_the_same_scores(sample_dir: Path, tmp_path: Path, fmt
 
     out = tmp_path / "run"
     overrides = _args(sample_dir, out, "--train.train_steps=3", "--train.save_steps=3")[2:]
-    cfg = load_config(ROOT / "configs" / "default.toml", overrides)
+    cfg = load_config(REPO_ROOT / "configs" / "default.toml", overrides)
     ctx = init_distributed("cpu")
     try:
         trainer = Trainer(cfg, ctx)

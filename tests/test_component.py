@@ -6,15 +6,13 @@ import ast
 import importlib.util
 import shlex
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from torchx.specs import macros
 
+from tests.util import REPO_ROOT, python_module, run_job
 from trainer.component import evaluate, train
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPONENT = "trainer/component.py:train"
 
 
@@ -79,13 +77,7 @@ def test_bad_topology_is_rejected() -> None:
 
 
 def _torchx(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "torchx.cli.main", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_job(python_module("torchx.cli.main", *args), timeout_s=120)
 
 
 def _scheduler_request(stdout: str) -> str:

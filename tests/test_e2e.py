@@ -6,9 +6,7 @@ Each test spawns real processes; together they take about a minute on two cores.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,36 +14,23 @@ import pyarrow as pa
 import pyarrow.orc as orc
 import pytest
 
-from data.sample import SampleParams, ensure_sample_data
+from tests.util import VENV_BIN, python_module, run_job, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # Generous: two ranks importing torchrec on two cores take ~15 s before the first step.
 JOB_TIMEOUT_S = 240
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sample")
-    return ensure_sample_data(out, SampleParams(users=1200, files=4, rows_per_stripe=64))
-
-
-def _run(cmd: list[str], timeout: float = JOB_TIMEOUT_S) -> tuple[subprocess.CompletedProcess[str], float]:
-    # The component runs `python` from PATH on the worker, as launch.sh arranges with the venv first.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The job's exit code and output, and how long it ran (some tests bound how fast a failure ends it)."""
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_job(cmd, timeout_s=JOB_TIMEOUT_S)
     return proc, time.monotonic() - start
 
 
 def _torchrun(*trainer_args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0",
-        "-m", "trainer.main", *trainer_args,
-    ]  # fmt: skip
+    return torchrun(*trainer_args, nproc=2)
 
 
 def _losses(output_dir: Path) -> list[float]:
@@ -56,7 +41,7 @@ def _losses(output_dir: Path) -> list[float]:
 def test_two_ranks_through_torchx_loss_falls(sample_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [
-        str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
+        str(VENV_BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
         "trainer/component.py:train", "--config", "configs/default.toml", "--nproc_per_node", "2", "--cpu", "2",
         "--", f"--data.data_paths={sample_dir}", f"--train.output_dir={out}",
         "--train.train_steps=30", "--train.log_steps=5",
@@ -154,8 +139,8 @@ def test_periodic_evaluation_marks_the_best_checkpoint_and_the_cli_agrees(sample
     assert (checkpoint / "COMPLETE").is_file() and (out / "step_25" / "COMPLETE").is_file()
 
     proc, _ = _run(
-        [sys.executable, "-m", "trainer.evaluate", *settings, "--model.num_layers=1", "--checkpoint", str(checkpoint),
-         "--eval.split=valid", "--out", str(tmp_path / "valid.json")]
+        python_module("trainer.evaluate", *settings, "--model.num_layers=1", "--checkpoint", str(checkpoint),
+                      "--eval.split=valid", "--out", str(tmp_path / "valid.json"))
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli = json.loads((tmp_path / "valid.json").read_text())

@@ -10,9 +10,6 @@ read, and the expected ranks are computed here by plain loops over them.
 from __future__ import annotations
 
 import math
-import os
-import pickle
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +18,10 @@ import pyarrow as pa
 import pyarrow.orc as orc
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from data.config import DataConfig, FeatureConfig
 from model.config import ModelConfig
+from tests.util import start_ranks
 from trainer.config import ConfigError, EvalConfig, JobConfig, TrainConfig, validate
 from trainer.evaluator import _draw_excluding, eval_data_config, ranking_metrics
 
@@ -147,12 +144,6 @@ def test_expected_ranks_by_hand() -> None:
 # ---------------------------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _write_files(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, users in enumerate(FILES):
@@ -179,18 +170,14 @@ def _make_transparent(dmp: Any) -> None:
                 shard.tensor.copy_(torch.from_numpy(VECTORS[rows : rows + n, cols : cols + d]).float())
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str, runs: list[dict[str, Any]]) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+def _worker(rank: int, data: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from model.next_item import NextItemModel
     from trainer.dist import destroy_distributed, init_distributed
     from trainer.evaluator import Evaluator
     from trainer.sharding import shard_model
     from trainer.build import TrainStep
 
-    ctx = init_distributed("cpu", timeout_s=60)
+    ctx = init_distributed("cpu", timeout_s=60)  # the rank's environment comes from start_ranks
     results = []
     try:
         base = _job(data)
@@ -204,8 +191,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, runs: list[di
             results.append(result.to_json())
     finally:
         destroy_distributed()
-    if rank == 0:
-        Path(out).write_bytes(pickle.dumps(results))
+    return results
 
 
 RUNS = [
@@ -217,17 +203,16 @@ RUNS = [
 ]
 
 
-def _evaluate_on(world: int, tmp_path: Path) -> list[dict[str, Any]]:
-    data = tmp_path / "data"
-    _write_files(data)
-    out = tmp_path / f"out_{world}.pkl"
-    mp.spawn(_worker, args=(world, _free_port(), str(data), str(out), RUNS), nprocs=world, join=True)
-    return pickle.loads(out.read_bytes())
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
-    return {world: _evaluate_on(world, tmp_path_factory.mktemp(f"w{world}")) for world in (1, 2)}
+    """Rank 0's results of every run in RUNS, per world size.
+
+    The 1-rank and the 2-rank job run side by side: the lone rank would leave a core idle otherwise.
+    """
+    data = tmp_path_factory.mktemp("data")
+    _write_files(data)
+    with start_ranks(_worker, 1, (str(data), RUNS)) as one, start_ranks(_worker, 2, (str(data), RUNS)) as two:
+        return {1: one.results()[0], 2: two.results()[0]}
 
 
 def _from_ranks(ranks: list[int]) -> dict[str, float]:

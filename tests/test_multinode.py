@@ -7,39 +7,27 @@ Takes ~30 s on two cores.
 
 from __future__ import annotations
 
-import os
-import socket
+import contextlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data.sample import SampleParams, ensure_sample_data
+from tests.util import free_port, launched, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_agent(node: int, port: int, trainer_args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "2", "--nproc_per_node", "1",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "multinode-test",
+def _node_agent(node: int, port: int, trainer_args: list[str]) -> list[str]:
+    """The torchrun command of node ``node``: one rank, meeting the other node at 127.0.0.1:``port``."""
+    return torchrun(
+        *trainer_args, nnodes=2, nproc=1, rdzv_endpoint=f"127.0.0.1:{port}",
         # Both agents run on one host, so both would claim to host the rendezvous store: say which one does.
-        "--rdzv_conf", f"is_host={'true' if node == 0 else 'false'}",
-        "-m", "trainer.main", *trainer_args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        launcher_args=["--rdzv_id", "multinode-test", "--rdzv_conf", f"is_host={'true' if node == 0 else 'false'}"],
+    )  # fmt: skip
 
 
 def test_two_node_agents_on_loopback_train_together(tmp_path: Path) -> None:
@@ -52,15 +40,17 @@ def test_two_node_agents_on_loopback_train_together(tmp_path: Path) -> None:
         # behavior_id as unbounded ids (bucket 0) in a managed-collision table, row-wise across the two nodes.
         "--data.features.2.hash_bucket_size=0", "--data.features.2.mc_capacity=64",
     ]  # fmt: skip
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"node{n}.log" for n in range(2)]
-    agents = [_node_agent(n, port, trainer_args, logs[n]) for n in range(2)]
-    try:
+    with contextlib.ExitStack() as stack:
+        agents = [
+            stack.enter_context(
+                launched(_node_agent(n, port, trainer_args), env={"OMP_NUM_THREADS": "1"},
+                         stdout=stack.enter_context(logs[n].open("w")), stderr=subprocess.STDOUT)
+            )
+            for n in range(2)
+        ]  # fmt: skip
         codes = [agent.wait(timeout=JOB_TIMEOUT_S) for agent in agents]
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
     texts = [log.read_text(errors="replace") for log in logs]
     assert codes == [0, 0], "\n\n".join(t[-3000:] for t in texts)
     # One rank per node: global ranks 0 and 1, each on its own node (local rank 0 of 1).

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.util import REPO_ROOT, python_module, run_job
 from trainer.config import ConfigError, JobFeatureConfig, load_config
 from trainer.plan import PlanDoesNotFitError, dry_run, main
 from trainer.sharding import table_constraints
 
-ROOT = Path(__file__).resolve().parents[1]
-SEQ2SEQ = str(ROOT / "configs" / "seq2seq.toml")
+SEQ2SEQ = str(REPO_ROOT / "configs" / "seq2seq.toml")
 
 
 def test_seq2seq_on_8_gpus_fits_with_behavior_id_row_wise_managed_collisions() -> None:
@@ -58,8 +57,7 @@ def test_tables_that_do_not_fit_are_named_with_the_capacity() -> None:
 @pytest.mark.slow
 def test_cli_exit_codes_and_text_output() -> None:
     def plan(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "trainer.plan", SEQ2SEQ, *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=180)  # fmt: skip
+        return run_job(python_module("trainer.plan", SEQ2SEQ, *args), timeout_s=180)
 
     ok = plan("--world-size", "16", "--local-world-size", "8", "--hbm-gb", "80")
     assert ok.returncode == 0, ok.stderr

@@ -19,17 +19,14 @@ All four types run in one spawn of two processes (~20 s on two cores).
 from __future__ import annotations
 
 import math
-import os
-import pickle
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from data.config import DataConfig, FeatureConfig
+from tests.util import run_ranks
 from trainer.config import JobConfig, JobFeatureConfig, OptimConfig
 
 pytestmark = pytest.mark.slow
@@ -190,31 +187,17 @@ def _initial_tables() -> dict[str, torch.Tensor]:
     return {t: torch.rand(ROWS[t], DIM, generator=gen, dtype=torch.float64) * 0.2 - 0.1 for t in ROWS}
 
 
-def _init_group(rank: int, store_path: str, world: int) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-
-
-def _sharding_worker(rank: int, store_path: str, out_dir: str) -> None:
-    _init_group(rank, store_path, WORLD)
+def _sharding_worker(rank: int) -> dict[str, dict[str, Any]]:
+    dist.init_process_group("gloo")  # the rank's environment comes from run_ranks
     try:
-        results = {st: _run_sharding_type(st, rank) for st in SHARDING_TYPES}
-        Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
+        return {st: _run_sharding_type(st, rank) for st in SHARDING_TYPES}
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(worker: Any, tmp_path: Path) -> list[Any]:
-    mp.start_processes(worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="spawn")  # fmt: skip
-    return [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
-
-
 @pytest.fixture(scope="module")
-def sharding_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return _spawn(_sharding_worker, tmp_path_factory.mktemp("sharding"))
+def sharding_results() -> list[dict[str, Any]]:
+    return run_ranks(_sharding_worker, WORLD)
 
 
 @pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
@@ -267,7 +250,7 @@ def _mc_kjt(behavior_ids: list[int], gen: torch.Generator) -> Any:
     return KeyedJaggedTensor.from_lengths_sync(["item_id", "behavior_id"], values, torch.ones(2 * n, dtype=torch.long))
 
 
-def _mc_worker(rank: int, store_path: str, out_dir: str) -> None:
+def _mc_worker(rank: int) -> dict[str, Any]:
     import logging
 
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -283,7 +266,7 @@ def _mc_worker(rank: int, store_path: str, out_dir: str) -> None:
     from trainer.sharding import make_planner, make_sharders, prepare_for_planning, shard_model
     from trainer.build import TrainStep
 
-    _init_group(rank, store_path, WORLD)
+    dist.init_process_group("gloo")
     result: dict[str, Any] = {}
     try:
         cfg = JobConfig(data=DataConfig(data_paths="unused", batch_size=2, seq_len=6, features=MC_FEATURES), optim=OPTIM)
@@ -345,14 +328,14 @@ def _mc_worker(rank: int, store_path: str, out_dir: str) -> None:
         result["losses"] = losses
         result["pipelined"] = [r for r in records if "will be pipelined" in r]
         result["pipeline_stats"] = managed_collision_stats(model)
-        Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+        return result
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def mc_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return _spawn(_mc_worker, tmp_path_factory.mktemp("mc"))
+def mc_results() -> list[dict[str, Any]]:
+    return run_ranks(_mc_worker, WORLD)
 
 
 def test_managed_collision_table_admits_ids_without_collisions_and_counts_evictions(
