@@ -21,7 +21,6 @@ from model.config import ModelConfig
 from trainer.config import OptimConfig
 
 
-
 class PlainAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

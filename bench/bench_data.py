@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import itertools
+import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -11,7 +11,7 @@ import torch
 
 from data.config import DataConfig, FeatureConfig
 from data.reader import SequenceReader
-from tests.test_data_reader import LL_INT, LL_STR, L_INT, write_orc
+from tests.test_data_reader import L_INT, LL_INT, LL_STR, write_orc
 
 ITEMS = [[[1], [2], [3]], [[4], [5]], [[6]]]
 

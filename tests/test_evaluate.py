@@ -172,10 +172,10 @@ def _make_transparent(dmp: Any) -> None:
 
 def _worker(rank: int, data: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from model.next_item import NextItemModel
+    from trainer.build import TrainStep
     from trainer.dist import destroy_distributed, init_distributed
     from trainer.evaluator import Evaluator
     from trainer.sharding import shard_model
-    from trainer.build import TrainStep
 
     ctx = init_distributed("cpu", timeout_s=60)  # the rank's environment comes from start_ranks
     results = []

@@ -261,10 +261,10 @@ def _mc_worker(rank: int) -> dict[str, Any]:
     from model.config import ModelConfig
     from model.next_item import NextItemModel
     from model.sparse import SparseArch, managed_collision_stats
+    from trainer.build import TrainStep
     from trainer.dist import DistContext
     from trainer.optim import build_optimizer
     from trainer.sharding import make_planner, make_sharders, prepare_for_planning, shard_model
-    from trainer.build import TrainStep
 
     dist.init_process_group("gloo")
     result: dict[str, Any] = {}

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: JobConfig) -> int:
     # Imported late: torchrec takes seconds to import, and config errors should not wait for it.
-    from trainer.dist import destroy_distributed, init_distributed
     from trainer.checkpoint import CheckpointError
+    from trainer.dist import destroy_distributed, init_distributed
     from trainer.metrics import NonFiniteLossError
     from trainer.trainer import Trainer
 
