@@ -33,16 +33,21 @@ VARIANTS: list[tuple[str, list[str]]] = [
                                       "--model.num_negatives=0"]),  # fmt: skip
     ("+ same-item false negatives masked", ["--model.seed_loss_bugs=[]", "--model.mask_same_item=true",
                                             "--model.num_negatives=0"]),  # fmt: skip
-    ("+ sampled negatives (config value) = the recipe", ["--model.seed_loss_bugs=[]", "--model.mask_same_item=true"]),
+    ("+ sampled negatives (config value)", ["--model.seed_loss_bugs=[]", "--model.mask_same_item=true"]),
+    ("+ log-Q correction (config value) = the recipe's loss", ["--model.seed_loss_bugs=[]", "--model.mask_same_item=true",
+                                                             "--model.logq_correction=true"]),  # fmt: skip
 ]
+# Every row but the last trains without the log-Q correction (the seed's loss has none).
+_NO_LOGQ = "--model.logq_correction=false"
 
 
 def run_variant(name: str, overrides: list[str], args: argparse.Namespace, extra: list[str], out: Path) -> dict:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "trainer.main", "--config", args.config,
-        f"--train.output_dir={out}", "--no-resume", f"--train.train_steps={args.steps}",
-        f"--train.eval_steps={args.steps}", "--train.save_steps=0", "--train.progress_bar=false",
+        f"--train.output_dir={out}", "--no-resume", f"--train.train_steps={args.steps}", "--train.train_epochs=0",
+        f"--train.eval_steps={args.steps}", "--train.eval_epochs=0", "--train.early_stop_patience=0",
+        "--train.save_best=false", "--train.save_steps=0", "--train.progress_bar=false", _NO_LOGQ,
         f"--train.log_steps={max(args.steps // 10, 1)}", *overrides, *extra,
     ]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
