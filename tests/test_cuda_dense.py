@@ -141,3 +141,18 @@ def test_one_cuda_rank_trains_with_the_fast_path(tmp_path: Path) -> None:
     assert losses[-1] < losses[0] - 0.3, losses
     assert "transformer blocks compiled" in logs and "runs uncompiled" not in logs, logs[-4000:]
     assert "EXACT_ROWWISE_ADAGRAD" not in logs  # the CPU fallback is not taken: fused row-wise Adam runs
+
+
+def test_hstu_on_cuda_matches_the_cpu_encoder() -> None:
+    from model.hstu import HSTUAttention, HSTUEncoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, nhead=2, dropout=0.0, emb_size=8, encoder="hstu")
+    cpu = HSTUEncoder(cfg, 256, with_time=True)
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    layout = PackedLayout.from_batch(torch.tensor(LENGTHS), None, max_len=max(LENGTHS))
+    times = torch.arange(layout.num_tokens, dtype=torch.long) * 37 + 1_600_000_000
+    x = torch.randn(layout.num_tokens, 64)
+    want = cpu(x, HSTUAttention(layout, "grouped", torch.device("cpu"), times))
+    got = gpu(x.to(CUDA), HSTUAttention(layout.to(CUDA), "auto", CUDA, times.to(CUDA)))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-4)
