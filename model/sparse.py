@@ -7,6 +7,7 @@ The collection is built on whatever device it is given; the trainer builds it on
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,6 +157,12 @@ class CountingMCHModule(MCHManagedCollisionModule):
     TorchRec rebuilds the module per shard with ``type(self)(...)``, so every rank's shard counts its own
     rows. ``evict()`` returns the slots (re)filled at an admission round: new ids that took a free slot
     plus ids that took an evicted id's slot; the drop in free slots tells the two apart.
+
+    Checkpoints: the id -> slot mapping and the eviction policy's per-slot metadata are buffers in the
+    sharded state dict (DCP saves them with the tables). What is not, and makes a resume differ from a
+    straight run, is kept by ``checkpoint_state`` / ``load_checkpoint_state``: the ids seen since the last
+    admission round (with ``mc_eviction_interval > 1`` they are admitted at the next round), when that round
+    was, the history buffer's size (it caps how many ids one interval records) and the counters here.
     """
 
     # Log a line every this many admission rounds that evicted something (and on the first one).
@@ -188,6 +195,58 @@ class CountingMCHModule(MCHManagedCollisionModule):
                 )  # fmt: skip
             self._rounds_with_evictions += 1
         return slots
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This shard's state that its ``state_dict`` lacks (plain values and CPU tensors, for ``torch.save``)."""
+        used = self._current_history_buffer_offset
+        return {
+            "last_eviction_iter": self._last_eviction_iter,
+            "history_buffer_size": self._input_history_buffer_size,
+            "history": self._history_accumulator[:used].cpu().clone() if used else torch.empty(0, dtype=torch.long),
+            "history_metadata": {k: v[:used].cpu().clone() for k, v in self._history_metadata.items()},
+            "admitted_total": self.admitted_total,
+            "evicted_total": self.evicted_total,
+            "rounds_with_evictions": self._rounds_with_evictions,
+        }
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict[str, Any] | None) -> None:
+        """Continue where ``checkpoint_state`` left off; call after the state dict (buffers) is loaded.
+
+        ``None`` (no saved state: another world size, or a checkpoint older than this state) keeps the mapping
+        from the state dict, starts the counters at zero and the eviction schedule at the loaded iteration.
+        """
+        self._free_slots = int(self.open_slots().item())  # from the loaded mapping, whatever the source
+        if state is None:
+            return
+        self.admitted_total = int(state["admitted_total"])
+        self.evicted_total = int(state["evicted_total"])
+        self._rounds_with_evictions = int(state["rounds_with_evictions"])
+        if state["last_eviction_iter"] < 0:
+            return  # saved before this shard's first training step: TorchRec's own start-up applies
+        # Without this TorchRec's first profile() would take the loaded iteration as the last round's, moving
+        # every later admission round when the checkpoint fell between two of them.
+        self._current_iter = int(self._current_iter_tensor.item())
+        self._last_eviction_iter = int(state["last_eviction_iter"])
+        self._allocate_history(int(state["history_buffer_size"]))
+        history: torch.Tensor = state["history"]
+        used = history.numel()
+        self._history_accumulator[:used] = history.to(self.device)
+        for name, values in state["history_metadata"].items():
+            self._history_metadata[name][:used] = values.to(self.device)
+        self._current_history_buffer_offset = used
+
+    def _allocate_history(self, size: int) -> None:
+        """TorchRec's ``_init_history_buffers`` with the saved size instead of one derived from the first batch
+        (a resumed run's first batch is another one, and the size decides which ids a full buffer drops)."""
+        self._input_history_buffer_size = size
+        self._history_accumulator = torch.empty(size, dtype=torch.int64, device=self.device)
+        for name, _, is_history in self._eviction_policy.metadata_info:
+            if is_history:
+                self.register_buffer(
+                    "_history_" + name, torch.zeros(size, dtype=torch.int64, device=self.device), persistent=False
+                )
+                self._history_metadata[name] = getattr(self, "_history_" + name)
 
 
 def managed_collision_collection(
@@ -231,3 +290,24 @@ def managed_collision_stats(module: nn.Module) -> dict[str, tuple[int, int]]:
             admitted, evicted = stats.get(m._name or "", (0, 0))
             stats[m._name or ""] = (admitted + m.admitted_total, evicted + m.evicted_total)
     return stats
+
+
+def _counting_modules(module: nn.Module) -> dict[str, CountingMCHModule]:
+    """This rank's managed-collision shards by module path (the same paths on every rank and world size)."""
+    return {
+        name: m for name, m in module.named_modules() if isinstance(m, CountingMCHModule) and m.device.type != "meta"
+    }
+
+
+def managed_collision_state(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module path: CountingMCHModule.checkpoint_state()}`` of this rank's shards (for ``rank_<r>.pt``)."""
+    return {name: m.checkpoint_state() for name, m in _counting_modules(module).items()}
+
+
+def load_managed_collision_state(module: nn.Module, state: dict[str, dict[str, Any]] | None) -> None:
+    """Inverse of ``managed_collision_state`` (``None``: see ``CountingMCHModule.load_checkpoint_state``)."""
+    modules = _counting_modules(module)
+    if state is not None and set(state) != set(modules):
+        raise ValueError(f"managed-collision state for {sorted(state)}, but this model has {sorted(modules)}")
+    for name, m in modules.items():
+        m.load_checkpoint_state(None if state is None else state[name])

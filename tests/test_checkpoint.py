@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.util import REPO_ROOT, launched, run_job, torchrun
-from trainer.checkpoint import MARKER, signature, signature_differences
+from trainer.checkpoint import MARKER, MC_STATE, signature, signature_differences
 from trainer.config import load_config
 
 TIMEOUT_S = 240
@@ -74,6 +75,114 @@ def test_exact_resume_matches_a_straight_run(sample_dir: Path, tmp_path: Path) -
     worst = max(abs(a[s] - b[s]) for s in a)
     assert worst <= RESUME_TOLERANCE, {s: (a[s], b[s]) for s in a}
     assert _checkpoints(resumed) == ["step_4", "step_8"]
+
+
+# Bucket-0 (managed-collision) features: behavior_id as in configs/seq2seq.toml, with a few rows; timestamp with
+# far more distinct ids than its 64 rows, admitted every 3 steps, so that evictions happen and the step-4
+# checkpoint falls between two admission rounds (ids seen at step 4 wait for the round at step 6).
+MC_ARGS = [
+    "--data.features.2.hash_bucket_size=0", "--data.features.2.mc_capacity=8",
+    "--data.features.3.hash_bucket_size=0", "--data.features.3.mc_capacity=64",
+    "--data.features.3.mc_eviction_interval=3", "--train.train_epochs=0", "--train.save_steps=4",
+]  # fmt: skip
+_MC_TOTALS = re.compile(r"(\w+) ([\d,]+) admitted, ([\d,]+) evicted")
+
+
+def _mc_totals(log: str) -> dict[str, tuple[int, int]]:
+    """``{table: (admitted, evicted)}`` over all ranks, from the last managed-collision line of a job's log."""
+    line = [line for line in log.splitlines() if "managed collisions (all ranks):" in line][-1]
+    return {t: (int(a.replace(",", "")), int(e.replace(",", ""))) for t, a, e in _MC_TOTALS.findall(line)}
+
+
+def _mc_state(checkpoint: Path, rank: int) -> dict[str, dict[str, object]]:
+    import torch
+
+    return torch.load(checkpoint / f"rank_{rank}.pt", weights_only=False)[MC_STATE]
+
+
+@pytest.fixture(scope="module")
+def mc_runs(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """8 straight steps, and 4 steps + resume + 4 steps, of a config with two bucket-0 features (2 ranks)."""
+    root = tmp_path_factory.mktemp("mc")
+    straight, resumed = root / "straight", root / "resumed"
+    logs = {}
+    for name, out, steps in (("straight", straight, 8), ("half", resumed, 4), ("rest", resumed, 8)):
+        done = _run(2, _args(sample_dir, out, f"--train.train_steps={steps}", *MC_ARGS))
+        assert done.returncode == 0, done.stdout[-3000:]
+        logs[name] = done.stdout
+    return {"straight": straight, "resumed": resumed, "logs": logs}
+
+
+def test_exact_resume_with_managed_collision_tables(mc_runs: dict[str, object]) -> None:
+    import torch
+
+    straight, resumed, logs = mc_runs["straight"], mc_runs["resumed"], mc_runs["logs"]
+    assert isinstance(straight, Path) and isinstance(resumed, Path) and isinstance(logs, dict)
+    assert "resumed from" in logs["rest"] and "at step 4" in logs["rest"]
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= RESUME_TOLERANCE, {s: (a[s], b[s]) for s in a}
+
+    totals = _mc_totals(logs["straight"])
+    assert totals["timestamp"][1] > 0, totals  # evictions happened, so the mapping changed during the run
+    assert totals["behavior_id"][0] > 0, totals
+    assert _mc_totals(logs["rest"]) == totals
+    # What the sharded state dict lacks ends up the same on every rank as well: counters, pending ids, schedule.
+    for rank in range(2):
+        want, got = _mc_state(straight / "step_8", rank), _mc_state(resumed / "step_8", rank)
+        assert len(want) == 2, want.keys()
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"rank {rank}: managed-collision state differs")
+    pending = _mc_state(resumed / "step_4", 0)
+    assert any(s["history"].numel() for s in pending.values()), "step 4 should hold ids awaiting step 6's round"
+
+
+def test_checkpoint_without_managed_collision_state_still_loads(
+    sample_dir: Path, mc_runs: dict[str, object], tmp_path: Path
+) -> None:
+    """A checkpoint of an older version (no managed-collision entry in rank_<r>.pt) resumes, with a warning."""
+    import torch
+
+    resumed = mc_runs["resumed"]
+    assert isinstance(resumed, Path)
+    out = tmp_path / "run"
+    shutil.copytree(resumed / "step_4", out / "step_4")
+    for rank in range(2):
+        path = out / "step_4" / f"rank_{rank}.pt"
+        state = torch.load(path, weights_only=False)
+        del state[MC_STATE]
+        torch.save(state, path)
+    done = _run(2, _args(sample_dir, out, "--train.train_steps=5", *MC_ARGS))
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "holds no managed-collision counters" in done.stdout and "at step 4" in done.stdout
+
+
+def test_managed_collision_checkpoint_on_fewer_ranks_only(
+    sample_dir: Path, mc_runs: dict[str, object], tmp_path: Path
+) -> None:
+    straight, logs = mc_runs["straight"], mc_runs["logs"]
+    assert isinstance(straight, Path) and isinstance(logs, dict)
+    out = tmp_path / "one"
+    # 2 ranks -> 1: the two shards of each table merge; rank 0 carries on the counters of both old ranks.
+    one = _run(1, _args(sample_dir, out, "--train.train_steps=5", f"--resume-from={straight / 'step_4'}", *MC_ARGS))
+    assert one.returncode == 0, one.stdout[-3000:]
+    assert "managed-collision tables resharded from 2 ranks" in one.stdout
+    at_4 = _mc_totals(logs["half"])
+    assert all(_mc_totals(one.stdout)[t][0] >= at_4[t][0] for t in at_4), (_mc_totals(one.stdout), at_4)
+    # 1 rank -> 2 would split a shard: a clear error before anything loads.
+    two = _run(2, _args(sample_dir, out, "--train.train_steps=6", *MC_ARGS))
+    assert two.returncode != 0
+    assert "load only on a number of ranks that divides 1" in two.stdout, two.stdout[-3000:]
+
+
+def test_export_refuses_managed_collision_tables(mc_runs: dict[str, object], tmp_path: Path) -> None:
+    from trainer.export import export
+
+    straight = mc_runs["straight"]
+    assert isinstance(straight, Path)
+    with pytest.raises(ValueError, match=r"managed-collision \(bucket 0\) features \['behavior_id', 'timestamp'\]"):
+        export(straight / "step_8", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_resume_on_another_world_size(sample_dir: Path, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ Layout of ``output_dir/step_<N>/``:
 
 - DCP files: the model (sharded embedding tables, dense weights) and the optimizer (fused sparse states,
   AdamW states), resharded on load when the world size or sharding plan differs;
-- ``rank_<r>.pt``: what is private to each rank: RNG states and the data reader's position;
+- ``rank_<r>.pt``: what is private to each rank: RNG states, the data reader's position and the state of its
+  managed-collision shards that their state dict lacks (ids awaiting the next admission round, the round
+  schedule, the admission/eviction counters: ``model.sparse.managed_collision_state``);
 - ``meta.json``: step, world size, the LR schedule's state, and the shapes that must match on load;
 - ``config.toml``: the resolved config of the run that wrote it;
 - ``COMPLETE``: written last. A folder is only ever renamed to ``step_<N>`` after it exists, so a
@@ -36,6 +38,8 @@ from trainer.dist import DistContext
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+# Key of the managed-collision state in rank_<r>.pt (absent in checkpoints written before it was saved).
+MC_STATE = "managed_collisions"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -215,6 +219,7 @@ class CheckpointManager:
     def load(self, path: Path, app_state: dict[str, Any], cfg: JobConfig) -> Restored:
         """Load ``path`` into ``app_state`` in place (DCP reshards to this run's plan and world size)."""
         meta = self.read_meta(path, cfg)
+        check_managed_collision_world(path, meta["world_size"], self.ctx.world_size, cfg)
         start = time.perf_counter()
         dcp.load(app_state, checkpoint_id=str(path))
         same_world = meta["world_size"] == self.ctx.world_size
@@ -224,6 +229,55 @@ class CheckpointManager:
         if self.ctx.is_main:
             logger.info("loaded checkpoint %s (step %d) in %.2fs", path, meta["step"], time.perf_counter() - start)
         return Restored(step=int(meta["step"]), path=path, meta=meta, rank_state=rank_state)
+
+
+def check_managed_collision_world(path: Path, saved_world: int, world: int, cfg: JobConfig) -> None:
+    """A managed-collision table's shard owns both a range of rows and the ids routed to it (a range of the id
+    space), so a new shard must be whole old shards: TorchRec merges them, it cannot split one. Hence fewer
+    ranks, by a whole factor (4 -> 2, 2 -> 1), and never more."""
+    managed = sorted({f.table for f in cfg.data.features if f.managed_collision})
+    if managed and saved_world % world:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {saved_world} ranks; its managed-collision tables {managed} load only "
+            f"on a number of ranks that divides {saved_world} (each new shard merges whole old ones), not on {world}"
+        )
+
+
+def managed_collision_rank_state(restored: Restored, rank: int) -> dict[str, Any] | None:
+    """This rank's managed-collision state to restore (``model.sparse.load_managed_collision_state``).
+
+    Same world size: the rank's own, so the resume is exact. Another world size: the id -> slot mapping comes
+    resharded from DCP, ids still waiting for an admission round are dropped, the round schedule restarts,
+    and rank 0 takes the counters of all old ranks so that the logged totals go on. ``None`` when there is
+    nothing (a checkpoint written before this state was saved: counters restart at zero, with a warning).
+    """
+    if restored.rank_state is not None:
+        state = restored.rank_state.get(MC_STATE)
+        if state is None:
+            logger.warning(
+                "checkpoint %s holds no managed-collision counters or pending ids (written by an older version): the "
+                "id -> slot mapping is restored, counters restart at zero, admission rounds restart at this step",
+                restored.path,
+            )
+        return state
+    if rank != 0:
+        return None
+    logger.warning(
+        "managed-collision tables resharded from %d ranks: ids waiting for an admission round are dropped and "
+        "the round schedule restarts; rank 0 carries on the old ranks' admission/eviction counters",
+        restored.meta["world_size"],
+    )
+    merged: dict[str, dict[str, Any]] = {}
+    for old_rank in range(int(restored.meta["world_size"])):
+        saved = torch.load(restored.path / f"rank_{old_rank}.pt", weights_only=False).get(MC_STATE) or {}
+        for name, shard in saved.items():
+            total = merged.setdefault(name, {"admitted_total": 0, "evicted_total": 0, "rounds_with_evictions": 0})
+            total["admitted_total"] += shard["admitted_total"]
+            total["evicted_total"] += shard["evicted_total"]
+            total["rounds_with_evictions"] = max(total["rounds_with_evictions"], shard["rounds_with_evictions"])
+    for total in merged.values():
+        total["last_eviction_iter"] = -1  # counters only: no pending ids, TorchRec restarts the round schedule
+    return merged or None
 
 
 class BestCheckpoint:

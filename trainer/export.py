@@ -54,6 +54,15 @@ def load_checkpoint_model(checkpoint: Path, cfg: JobConfig | None = None) -> tup
 
 
 def export(checkpoint: Path, out: Path, fmt: ExportFormat = "parquet") -> list[Path]:
+    managed = [f.name for f in load_config(checkpoint / "config.toml").data.features if f.managed_collision]
+    if managed:
+        # Their rows are slots, not ids: serving needs the id -> slot mapping (and the rule for ids without a
+        # slot), which this format has no place for. Writing only the other tables would serve those
+        # features from untrained rows, silently.
+        raise ValueError(
+            f"export of managed-collision (bucket 0) features {managed} is not supported: their rows are slots of "
+            "an id -> slot mapping that the export format does not hold"
+        )
     model, cfg = load_checkpoint_model(checkpoint)
     tables_dir = out / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,16 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from data.batch import SequenceBatch, negatives_key
 from data.reader import SequenceReader
 from model.next_item import NextItemOutput
-from model.sparse import managed_collision_stats
+from model.sparse import load_managed_collision_state, managed_collision_state, managed_collision_stats
 from trainer.build import build_train_module
-from trainer.checkpoint import BestCheckpoint, CheckpointManager, rng_state, set_rng_state
+from trainer.checkpoint import (
+    MC_STATE,
+    BestCheckpoint,
+    CheckpointManager,
+    managed_collision_rank_state,
+    rng_state,
+    set_rng_state,
+)
 from trainer.compile import compile_transformer
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext
@@ -137,6 +144,9 @@ class Trainer:
         restored = self.checkpoints.load(path, state, self.cfg)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if any(f.managed_collision for f in self.cfg.data.features):
+            # After the state dict: the mapping it loads decides the free slots the counters start from.
+            load_managed_collision_state(self.model, managed_collision_rank_state(restored, self.ctx.rank))
         self.step = restored.step
         # fbgemm's fused row-wise Adam counts its bias-correction steps itself and does not keep the counter
         # in its optimizer state: set it back, or the first steps after a resume would overshoot.
@@ -159,7 +169,11 @@ class Trainer:
     def _save(self, run: _Run) -> None:
         # Never write a checkpoint after a non-finite loss: the last complete one stays the one to go back to.
         self.metrics.raise_if_nonfinite()
-        rank_state = {"rng": rng_state(), "reader": self.batches.reader_state(run.trained)}
+        rank_state = {
+            "rng": rng_state(),
+            "reader": self.batches.reader_state(run.trained),
+            MC_STATE: managed_collision_state(self.model),
+        }
         self.checkpoints.save(self.step, self._app_state(), rank_state, {}, self.cfg)
         run.saved_at = self.step
 
