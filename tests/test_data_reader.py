@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from data.batch import SequenceBatch
-from data.config import DataConfig, FeatureConfig
+from data.config import WHOLE_SEQUENCES, DataConfig, FeatureConfig
 from data.ops.buckets import INT64_MAX
 from data.ops.murmur import murmurhash64a
 from data.reader import SequenceReader
@@ -203,6 +203,18 @@ def _two_feature_config(path: Path, **kwargs) -> DataConfig:
         features=[FeatureConfig("item_id", num_embeddings=100), FeatureConfig("cate_id", num_embeddings=100)],
         **kwargs,
     )
+
+
+def test_log_names_the_truncation_or_whole_sequences(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _two_feature_file(tmp_path)
+    with caplog.at_level(logging.INFO, logger="data.reader"):
+        SequenceReader(_two_feature_config(path, seq_len=3, truncate_side="left"))
+        assert "batch 2, seq_len 3 (truncate left), 2 threads" in caplog.text
+        caplog.clear()
+        reader = SequenceReader(_two_feature_config(path, seq_len=WHOLE_SEQUENCES))
+        assert "batch 2, whole sequences (no truncation), 2 threads" in caplog.text
+        assert str(WHOLE_SEQUENCES) not in caplog.text
+    assert max(len(row) for row in item_rows(read_all(reader))) == 5  # nothing cut
 
 
 def test_truncate_right_keeps_oldest(tmp_path: Path) -> None:
