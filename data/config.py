@@ -7,6 +7,10 @@ from typing import Literal
 
 HashType = Literal["none", "murmur", "farm"]
 TruncateSide = Literal["left", "right"]
+# A ``DataConfig.seq_len`` that keeps every position: more than any user has (the evaluation reader uses it to
+# read whole histories). A plain large number, so the cutting kernels need no special case; the reader's log
+# shows it as "whole sequences" rather than as the number.
+WHOLE_SEQUENCES = 1 << 30
 
 
 class DataConfigError(ValueError):

@@ -16,14 +16,17 @@ Streaming, in two passes so that inputs larger than memory work:
    ``part-NNNNN.orc`` with stripes of ``--rows-per-stripe`` users (the reader shards by stripe).
 
 Peak memory is about one chunk plus one part, so choose ``--parts`` such that ``input size / parts`` fits.
-Every bad input (missing column, wrong type, empty value, negative or too large id, unreadable file) is an
-error naming the file, the column and the line.
+Every bad input (missing column, wrong type, empty value, negative or too large id, a row with too few or too
+many fields, unreadable file) is an error naming the file, the column and the line (as an editor numbers it).
+Both passes work in a hidden folder next to ``--out`` that is renamed to ``--out`` at the end, so a failed run
+leaves nothing behind (see ``convert``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -86,27 +89,83 @@ class Stats:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def _fail(source: Source, column: str, line: int | None, what: str) -> ValueError:
-    where = f"{source.path}, column {column!r}" + (f", line {line}" if line is not None else "")
+def _fail(source: Source, column: str, row: int | None, what: str) -> ValueError:
+    """An error naming the file, the column and, where known, the line of row ``row`` (1-based, a CSV's header
+    line included: the row count of the chunks read so far)."""
+    where = f"{source.path}, column {column!r}"
+    if row is not None:
+        where += f", line {_editor_line(source, row)}"
     return ValueError(f"{where}: {what}")
 
 
-def _csv_chunks(source: Source, opts: Options) -> Iterator[pa.RecordBatch]:
+def _editor_line(source: Source, row: int) -> int:
+    """The line an editor shows for row ``row`` of ``source``. pyarrow's CSV parser skips empty lines without
+    counting them, so rows and lines part at the first empty line: count the non-empty lines up to the row
+    (only on the error path, so reading the file's start again costs nothing that matters)."""
+    if source.fmt != "csv":
+        return row
+    seen = 0
+    # Universal newlines, like the parser: "\n", "\r\n" and "\r" all end a line.
+    with source.path.open(encoding="utf-8", errors="replace", newline=None) as lines:
+        for number, line in enumerate(lines, start=1):
+            if line not in ("\n", ""):
+                seen += 1
+                if seen == row:
+                    return number
+    return row
+
+
+def _csv_options(source: Source, opts: Options) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
     wanted = sorted(set(source.mapping.values()))
     read = pacsv.ReadOptions(column_names=source.csv_names, block_size=opts.chunk_bytes)
     # Everything as text: we parse ids ourselves so that a bad value names its column and line.
     convert = pacsv.ConvertOptions(
         include_columns=wanted, column_types={c: pa.string() for c in wanted}, strings_can_be_null=False
     )
-    parse = pacsv.ParseOptions(delimiter=source.delimiter)
+    return read, pacsv.ParseOptions(delimiter=source.delimiter), convert
+
+
+def _csv_chunks(source: Source, opts: Options) -> Iterator[pa.RecordBatch]:
+    read, parse, convert = _csv_options(source, opts)
     try:
         reader = pacsv.open_csv(source.path, read_options=read, parse_options=parse, convert_options=convert)
         yield from reader
     except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
+        wanted = convert.include_columns
         missing = [c for c in wanted if f"'{c}'" in str(exc) and "not exist" in str(exc)]
         if missing:
             raise _fail(source, missing[0], None, f"column is missing ({exc})") from exc
+        if (bad := _wrong_column_count(source, opts)) is not None:
+            raise bad from exc
         raise ValueError(f"{source.path}: cannot parse as CSV: {exc}") from exc
+
+
+def _wrong_column_count(source: Source, opts: Options) -> ValueError | None:
+    """The first row with more or fewer fields than the header (or the format's columns), as an error naming
+    its line; None when no row has. Found by reading the file again on one thread: a multi-threaded read (the
+    fast one, kept for the conversion itself) does not know which row it is looking at."""
+    read, parse, convert = _csv_options(source, opts)
+    read.use_threads = False
+    found: list[pacsv.InvalidRow] = []
+
+    def record(row: pacsv.InvalidRow) -> str:
+        found.append(row)
+        return "error"
+
+    parse.invalid_row_handler = record
+    try:
+        for _ in pacsv.open_csv(source.path, read_options=read, parse_options=parse, convert_options=convert):
+            pass
+    except (pa.ArrowInvalid, pa.ArrowKeyError):
+        pass
+    if not found or found[0].number is None:
+        return None
+    row = found[0]
+    columns = f"({', '.join(source.csv_names)})" if source.csv_names else "(as in the header)"
+    return ValueError(
+        f"{source.path}, line {_editor_line(source, row.number)}: expected {row.expected_columns} columns "
+        f"{columns}, found {row.actual_columns}: {row.text!r}"
+    )
 
 
 def _parquet_chunks(source: Source, opts: Options) -> Iterator[pa.RecordBatch]:
@@ -245,7 +304,7 @@ def read_events(source: Source, opts: Options, first_event: int) -> Iterator[pa.
     if not source.path.is_file():
         raise FileNotFoundError(f"input file does not exist: {source.path}")
     chunks = _csv_chunks(source, opts) if source.fmt == "csv" else _parquet_chunks(source, opts)
-    # Line numbers count from 1 and include a CSV header line.
+    # Rows count from 1 and include a CSV header line (``_fail`` names the editor's line of a row).
     line = 2 if source.fmt == "csv" and source.csv_names is None else 1
     for batch in chunks:
         if batch.num_rows:
@@ -289,28 +348,100 @@ def write_part(table: pa.Table, path: Path, opts: Options) -> None:
 
 
 def convert(sources: list[Source], opts: Options) -> Stats:
-    """Run both passes; the output folder receives part files only once all of them are written."""
+    """Run both passes in a hidden folder next to ``opts.out``, which becomes ``opts.out`` only once every part
+    is written: a failed conversion leaves nothing behind (not even the folder or its new parent folders), and
+    a reader never sees a half-written output. An ``opts.out`` that holds only the part files of an earlier
+    conversion is replaced whole (no stale part of a run with more ``--parts`` survives next to the new
+    ones); one holding anything else is refused before any work."""
     if opts.parts < 1 or opts.rows_per_stripe < 1 or opts.chunk_bytes < 1 or opts.chunk_rows < 1:
         raise ValueError("--parts, --rows-per-stripe, --chunk-bytes and --chunk-rows must be positive")
-    opts.out.mkdir(parents=True, exist_ok=True)
-    stats = Stats()
-    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=opts.out))
+    out = opts.out.absolute()
+    earlier = _earlier_output(out)
+    created = _missing_folders(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
-        spills = _spill(sources, opts, work, stats)
-        for index, spill in enumerate(spills):
-            part = _load_spill(spill)
-            table = group_users(part) if part is not None else None
-            if table is None or table.num_rows == 0:
-                continue
-            target = work / f"part-{index:05d}.orc"
-            write_part(table, target, opts)
-            stats.users += table.num_rows
-            stats.files.append(target.name)
-        for name in stats.files:
-            (work / name).replace(opts.out / name)
-    finally:
+        stats = _convert_into(sources, opts, work)
+        _publish(work, out, earlier)
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        for folder in created:  # innermost first
+            _remove_if_empty(folder)
+        raise
     return stats
+
+
+def _convert_into(sources: list[Source], opts: Options, work: Path) -> Stats:
+    """Both passes; ``work`` ends up holding the part files only."""
+    stats = Stats()
+    spills = _spill(sources, opts, work, stats)
+    for index, spill in enumerate(spills):
+        part = _load_spill(spill)
+        spill.unlink(missing_ok=True)  # read: its disk space is free for the next parts
+        table = group_users(part) if part is not None else None
+        if table is None or table.num_rows == 0:
+            continue
+        target = work / f"part-{index:05d}.orc"
+        write_part(table, target, opts)
+        stats.users += table.num_rows
+        stats.files.append(target.name)
+    return stats
+
+
+_PART_NAME = re.compile(r"part-\d{5}\.orc")
+
+
+def _earlier_output(out: Path) -> list[Path]:
+    """The part files of an earlier conversion in ``out`` (to be replaced); an error if ``out`` holds anything
+    else, so that a mistyped ``--out`` never deletes someone's files."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    entries = sorted(out.iterdir())
+    foreign = [e.name for e in entries if not (e.is_file() and _PART_NAME.fullmatch(e.name))]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(
+            f"--out {out} holds files other than an earlier conversion's part-NNNNN.orc ({shown}); choose a new or "
+            "empty folder (a folder of part files alone is replaced)"
+        )
+    return entries
+
+
+def _publish(work: Path, out: Path, earlier: list[Path]) -> None:
+    """``work`` becomes ``out``; an earlier output there is moved aside first and deleted after, so that
+    ``out`` holds either the old parts or the new ones, never a mix."""
+    if not out.exists():
+        work.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.rename(old / out.name)
+    try:
+        work.rename(out)
+    except OSError:
+        (old / out.name).rename(out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if earlier:
+        logger.info("replaced the %d part files of an earlier conversion in %s", len(earlier), out)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (someone else wrote there meanwhile) or already gone: leave it
+        pass
 
 
 def _spill(sources: list[Source], opts: Options, work: Path, stats: Stats) -> list[Path]:
@@ -362,7 +493,9 @@ def _inputs(paths: list[str], suffixes: tuple[str, ...]) -> list[Path]:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="input files or folders")
-    parser.add_argument("--out", required=True, type=Path, help="output folder for part-NNNNN.orc")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output folder for part-NNNNN.orc, written whole at the end; an earlier conversion's "
+                        "part files there are replaced, any other content is refused")
     parser.add_argument("--parts", type=int, default=8,
                         help="output files (users split by user_id %% parts); default 8")
     parser.add_argument("--rows-per-stripe", type=int, default=1024, help="users per ORC stripe; default 1024")
@@ -447,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         stats = convert(sources_from_args(args), opts)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: FileNotFoundError, and a folder that cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(

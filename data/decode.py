@@ -22,7 +22,7 @@ from data.ids import map_ids
 from data.ops import jit
 from data.ops.cut import cut_feature
 from data.rows import FeatureRows, RowBlock
-from data.units import ReadUnit, open_file
+from data.units import ReadUnit, open_file, unreadable_file_message
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def read_unit(unit: ReadUnit, columns: list[str]) -> dict[str, pa.Array]:
         table = handle.read_row_group(unit.index, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         # A file truncated or corrupted after planning, or a remote read failing.
-        raise ValueError(f"cannot read columns {columns} of {unit.label}: {exc}") from exc
+        what = f"cannot read columns {columns} of {unit.label}"
+        raise ValueError(unreadable_file_message(what, unit.fmt, unit.fs, unit.fs_path or unit.path, exc)) from exc
     return {name: table.column(name).combine_chunks() for name in columns}
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data.batch import SequenceBatch
-from data.config import DataConfig
+from data.config import WHOLE_SEQUENCES, DataConfig
 from data.decode import decode_unit
 from data.layout import build_batches
 from data.rows import RowBlock
@@ -241,10 +241,14 @@ class SequenceReader:
         shuffle = f"shuffle seed {cfg.shuffle_seed} buffer {cfg.shuffle_buffer}" if cfg.shuffle else "no shuffle"
         threads = f"{max(1, cfg.read_threads)} threads"
         decode = f"{cfg.read_workers} decode processes" if cfg.read_workers else threads
+        if cfg.seq_len >= WHOLE_SEQUENCES:
+            positions = "whole sequences (no truncation)"
+        else:
+            positions = f"seq_len {cfg.seq_len} (truncate {cfg.truncate_side})"
         return (
             f"reader rank {self.rank}/{self.world_size}: {len(self.files)} {'+'.join(formats)} files, "
             f"{len(self.all_units)} units, {len(self.units)} for this rank; batch {cfg.batch_size}, "
-            f"seq_len {cfg.seq_len} (truncate {cfg.truncate_side}), {decode}, "
+            f"{positions}, {decode}, "
             f"prefetch {max(1, cfg.prefetch)}, epochs {epochs}, {shuffle}"
         )
 

@@ -119,6 +119,58 @@ def leaf_type(column_type: pa.DataType, feature: FeatureConfig, column: str, sou
     return leaf
 
 
+# Where each format keeps its magic bytes: ORC starts with "ORC" and ends with a postscript whose last field is
+# the magic again (then the postscript's length byte); Parquet starts and ends with "PAR1".
+_HEAD_MAGIC: dict[FileFormat, bytes] = {"orc": b"ORC", "parquet": b"PAR1"}
+_FORMAT_NAME: dict[FileFormat, str] = {"orc": "an ORC", "parquet": "a Parquet"}
+
+
+def _tail_magic_ok(fmt: FileFormat, tail: bytes) -> bool:
+    return tail[-4:-1] == b"ORC" if fmt == "orc" else tail[-4:] == b"PAR1"
+
+
+def diagnose_unreadable(fmt: FileFormat, fs: pafs.FileSystem | None, fs_path: str) -> str | None:
+    """Why a file pyarrow could not open or read is bad, in the user's terms: empty, not of this format, or
+    cut short; None when its first and last bytes look right (then only pyarrow's own message is known).
+
+    pyarrow says "Failed to parse the postscript" or "magic bytes not found in footer", which does not tell a
+    copy that stopped half-way (the usual cause) from a file of another kind. Both formats carry magic bytes at
+    the start and at the end, so comparing the two ends tells them apart without parsing anything. Never
+    raises: a file that cannot even be inspected leaves the original error to speak for itself.
+    """
+    a_kind = _FORMAT_NAME[fmt]
+    kind = a_kind.split()[1]
+    head_magic = _HEAD_MAGIC[fmt]
+    try:
+        with (fs or pafs.LocalFileSystem()).open_input_file(fs_path) as handle:
+            size = handle.size()
+            head = handle.read_at(min(size, len(head_magic)), 0)
+            tail = handle.read_at(min(size, 4), max(0, size - 4))
+    except (pa.ArrowException, OSError):
+        return None
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if not head_magic.startswith(head):
+        return (
+            f"it is not {a_kind} file: its {size:,} bytes do not start with the {kind} magic bytes "
+            f"{head_magic.decode()!r}; event logs in CSV or text are converted with python -m data.convert"
+        )
+    if size <= len(head_magic) or not _tail_magic_ok(fmt, tail):
+        return (
+            f"the file looks truncated ({size:,} bytes): it starts like {a_kind} file but does not end "
+            f"with {a_kind} footer; was it copied or written only in part?"
+        )
+    return None
+
+
+def unreadable_file_message(
+    what: str, fmt: FileFormat, fs: pafs.FileSystem | None, fs_path: str, exc: BaseException
+) -> str:
+    """``what`` (e.g. "cannot read orc file X"), the diagnosis when there is one, then pyarrow's message."""
+    why = diagnose_unreadable(fmt, fs, fs_path)
+    return f"{what}: {why} (pyarrow: {exc})" if why else f"{what}: {exc}"
+
+
 def open_file(source: str | pa.NativeFile, fmt: FileFormat) -> orc.ORCFile | pq.ParquetFile:
     """A reader of one ORC or Parquet file (it parses the footer: schema and stripes / row groups)."""
     return orc.ORCFile(source) if fmt == "orc" else pq.ParquetFile(source)
@@ -148,7 +200,8 @@ def enumerate_units(
             source = path if fs is None else fs.open_input_file(location.path)
             schema, count, file_rows = _file_schema_and_units(source, fmt)
         except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"cannot read {fmt} file {path}: {exc}") from exc
+            message = unreadable_file_message(f"cannot read {fmt} file {path}", fmt, fs, location.path, exc)
+            raise ValueError(message) from exc
         for feature in checked:
             index = schema.get_field_index(feature.name)
             if index < 0:

@@ -27,8 +27,14 @@ LL_STR = pa.list_(pa.list_(pa.string()))
 
 def read_parts(folder: Path) -> pa.Table:
     files = sorted(folder.glob("part-*.orc"))
-    assert files and not list(folder.glob(".convert-*")), "temporary files left behind"
+    assert files and not leftovers(folder), "temporary files left behind"
     return pa.concat_tables(orc.ORCFile(str(f)).read() for f in files)
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Anything but part files in ``out``, and the converter's hidden work folders next to it."""
+    inside = [p for p in out.iterdir() if not p.name.startswith("part-")] if out.is_dir() else []
+    return inside + sorted(out.parent.glob(f".{out.name}.*"))
 
 
 def run(argv: list) -> int:
@@ -249,7 +255,7 @@ def test_bad_csv_values_name_file_column_and_line(tmp_path: Path, capsys: pytest
 
     err = _convert_events(tmp_path, _events_csv(tmp_path, body), capsys)
     assert re.search(expected, err), err
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())  # nothing half-written
+    assert not (tmp_path / "o").exists() and not leftovers(tmp_path / "o")  # nothing half-written, no empty folder
 
 
 def test_missing_csv_column(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -257,12 +263,87 @@ def test_missing_csv_column(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "bad.csv, column 'category'" in err and "missing" in err
 
 
-def test_taobao_wrong_column_count_names_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_taobao_wrong_column_count_names_file_line_and_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "tb.csv"
     src.write_text("1,2,3,pv,100\n1,2,3,pv\n")
     assert run(["taobao", src, "--out", tmp_path / "o"]) == 1
     err = capsys.readouterr().err
-    assert "tb.csv: cannot parse as CSV" in err and "columns" in err
+    expected = (f"error: {src}, line 2: expected 5 columns (user_id, item_id, category_id, behavior_type, timestamp), "
+                "found 4: '1,2,3,pv'")
+    assert expected in err, err
+    assert not (tmp_path / "o").exists() and not leftovers(tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "found", "text"),
+    [
+        ("1,2,3\n1,2\n1,2,3\n", 3, 2, "1,2"),  # a short row
+        ("1,2,3\n1,2,3,4\n", 3, 4, "1,2,3,4"),  # a long one
+        ("1,2,3\n\n\n1,2,3\n7\n", 6, 1, "7"),  # empty lines are skipped but count as lines
+        ("1,2,3\r\n\r\n1,2\r\n", 4, 2, "1,2"),  # Windows line ends
+    ],
+)
+def test_csv_row_with_wrong_column_count_names_its_editor_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, body: str, line: int, found: int, text: str
+) -> None:
+    src = _events_csv(tmp_path, body)
+    err = _convert_events(tmp_path, src, capsys)
+    assert f"error: {src}, line {line}: expected 3 columns (as in the header), found {found}: {text!r}" in err, err
+
+
+def test_value_error_after_empty_lines_names_the_editor_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    err = _convert_events(tmp_path, _events_csv(tmp_path, "1,2,3\n\n1,abc,4\n"), capsys)
+    assert "bad.csv, column 'item', line 4: not an integer id: 'abc'" in err, err
+
+
+# ----------------------------------------------------------------------------------- the --out folder
+
+
+def _events_argv(src: Path, out: Path, *extra: object) -> list:
+    return ["events", src, "--out", out, "--user", "user", "--item", "item", "--time", "time", *extra]
+
+
+def test_failed_conversion_creates_no_folder_at_all(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _events_csv(tmp_path, "1,2,3\n1,abc,4\n")
+    out = tmp_path / "new" / "deeper" / "o"
+    assert run(_events_argv(src, out)) == 1
+    assert "line 3" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # nor the parent folders it would have made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
+def test_earlier_output_is_replaced_whole_and_kept_on_failure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = "".join(f"{user},{user + 10},{user}\n" for user in range(8))
+    src = _events_csv(tmp_path, rows)
+    out = tmp_path / "o"
+    assert run(_events_argv(src, out, "--parts", 4)) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"part-{i:05d}.orc" for i in range(4)]
+    # Fewer parts: no stale part-00002/3 of the first run is left next to the new ones.
+    assert run(_events_argv(src, out, "--parts", 2)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.orc", "part-00001.orc"]
+    assert read_parts(out).num_rows == 8
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = _events_csv(tmp_path, "1,2,3\n1,abc,4\n")
+    assert run(_events_argv(bad, out, "--parts", 3)) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # a failed run leaves the earlier output
+    assert not leftovers(out)
+
+
+def test_out_folder_with_other_files_is_refused_untouched(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = _events_csv(tmp_path, "1,2,3\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "part-00000.orc").write_text("old")
+    assert run(_events_argv(src, out)) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out} holds files other than an earlier conversion's part-NNNNN.orc (notes.txt)" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "part-00000.orc"]
+    assert (out / "part-00000.orc").read_text() == "old" and not list(tmp_path.glob(".o.*"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(_events_argv(src, empty)) == 0  # an empty folder is fine
+    assert read_parts(empty).num_rows == 1
 
 
 def test_taobao_null_behavior(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

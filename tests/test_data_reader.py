@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from data.batch import SequenceBatch
-from data.config import DataConfig, FeatureConfig
+from data.config import WHOLE_SEQUENCES, DataConfig, FeatureConfig
 from data.ops.buckets import INT64_MAX
 from data.ops.murmur import murmurhash64a
 from data.reader import SequenceReader
@@ -205,6 +205,18 @@ def _two_feature_config(path: Path, **kwargs) -> DataConfig:
     )
 
 
+def test_log_names_the_truncation_or_whole_sequences(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _two_feature_file(tmp_path)
+    with caplog.at_level(logging.INFO, logger="data.reader"):
+        SequenceReader(_two_feature_config(path, seq_len=3, truncate_side="left"))
+        assert "batch 2, seq_len 3 (truncate left), 2 threads" in caplog.text
+        caplog.clear()
+        reader = SequenceReader(_two_feature_config(path, seq_len=WHOLE_SEQUENCES))
+        assert "batch 2, whole sequences (no truncation), 2 threads" in caplog.text
+        assert str(WHOLE_SEQUENCES) not in caplog.text
+    assert max(len(row) for row in item_rows(read_all(reader))) == 5  # nothing cut
+
+
 def test_truncate_right_keeps_oldest(tmp_path: Path) -> None:
     (batch,) = read_all(SequenceReader(_two_feature_config(_two_feature_file(tmp_path), seq_len=3)))
     assert batch.seq_lengths.tolist() == [3, 1]
@@ -360,6 +372,59 @@ def test_empty_folder(tmp_path: Path) -> None:
     (folder / "_SUCCESS").write_text("")
     with pytest.raises(ValueError, match=r"empty.*no \.orc or \.parquet files"):
         SequenceReader(item_config(folder))
+
+
+def _good_file(path: Path) -> Path:
+    """A readable file of 40 users in several stripes / row groups, in the format of ``path``'s suffix."""
+    if path.suffix == ".orc":
+        return _numbered_file(path, rows=40, rows_per_stripe=4)
+    pq.write_table(pa.table({"item_id": pa.array([[[i], [i]] for i in range(40)], LL_INT)}), path, row_group_size=4)
+    return path
+
+
+_TRUNCATED = r"the file looks truncated \([0-9,]+ bytes\): it starts like (an ORC|a Parquet) file but does not end"
+_DAMAGE = {
+    "empty": (lambda data: b"", r"the file is empty \(0 bytes\)"),
+    "text": (
+        lambda data: b"user,item\n1,2\n",
+        r"it is not (an ORC|a Parquet) file: its 14 bytes do not start with the (ORC|Parquet) magic bytes",
+    ),
+    "half": (lambda data: data[: len(data) // 2], _TRUNCATED),
+    "last byte cut": (lambda data: data[:-1], _TRUNCATED),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+@pytest.mark.parametrize("suffix", [".orc", ".parquet"])
+def test_unreadable_file_says_why_when_planning(tmp_path: Path, suffix: str, damage: str) -> None:
+    cut, why = _DAMAGE[damage]
+    path = _good_file(tmp_path / f"bad{suffix}")
+    path.write_bytes(cut(path.read_bytes()))
+    fmt = suffix[1:]
+    with pytest.raises(ValueError, match=rf"^cannot read {fmt} file .*bad{suffix}: {why}.*\(pyarrow: "):
+        SequenceReader(item_config(path))
+
+
+@pytest.mark.parametrize("suffix", [".orc", ".parquet"])
+def test_file_truncated_after_planning_says_so_naming_the_unit(tmp_path: Path, suffix: str) -> None:
+    path = _good_file(tmp_path / f"t{suffix}")
+    reader = SequenceReader(item_config(path))  # footers read and checked: the file was fine then
+    path.write_bytes(path.read_bytes()[:200])
+    unit = "stripe 0" if suffix == ".orc" else "row group 0"
+    with pytest.raises(ValueError, match=rf"t{suffix} \({unit}\): {_TRUNCATED}"):
+        run_with_timeout(lambda: read_all(reader))
+
+
+def test_intact_ends_keep_pyarrow_message_alone(tmp_path: Path) -> None:
+    # Magic bytes at both ends but a damaged footer: no guess about truncation, pyarrow's message as it is.
+    path = _good_file(tmp_path / "c.parquet")
+    data = bytearray(path.read_bytes())
+    data[-8:-4] = (len(data) * 2).to_bytes(4, "little")  # the footer length now points before the file start
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as info:
+        SequenceReader(item_config(path))
+    assert str(info.value).startswith(f"cannot read parquet file {path}: ")
+    assert "truncated" not in str(info.value) and "pyarrow:" not in str(info.value)
 
 
 def test_missing_column_names_file_and_column(tmp_path: Path) -> None:

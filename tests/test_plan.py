@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.util import REPO_ROOT, python_module, run_job
-from trainer.config import ConfigError, JobFeatureConfig, load_config
+from trainer.config import ConfigError, JobConfig, JobFeatureConfig, load_config
 from trainer.plan import PlanDoesNotFitError, dry_run, main
 from trainer.sharding import table_constraints
 
@@ -133,3 +133,65 @@ def test_bucket_zero_with_capacity_is_a_managed_collision_table(tmp_path: Path) 
     behavior = cfg.data.features[1]
     assert behavior.managed_collision and behavior.table_rows == 64
     assert not cfg.data.features[0].managed_collision
+
+
+# ------------------------------------------------------------------------------- what planning logs
+
+
+def _plan_on_cpu(cfg: JobConfig) -> None:
+    import torch
+
+    from trainer.build import build_model
+    from trainer.sharding import make_planner, make_sharders, prepare_for_planning
+
+    model = build_model(cfg, torch.device("meta"))
+    prepare_for_planning(model, 2)
+    make_planner(cfg, 2, 2, "cpu").plan(model, make_sharders(cfg, torch.device("cpu")))
+
+
+def test_cpu_planning_drops_only_torchrec_data_parallel_kernel_noise(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from trainer.sharding import quiet_cpu_kernel_gaps
+
+    cfg = load_config(REPO_ROOT / "configs" / "default.toml")
+    enumerators = logging.getLogger("torchrec.distributed.planner.enumerators")
+    noise = "No available compute kernels after applying user provided constraints for {}"
+    # On the enumerator's own logger: trainer.plan's main (run in-process above) turns "torchrec" down to ERROR.
+    with caplog.at_level(logging.WARNING, logger=enumerators.name):
+        _plan_on_cpu(cfg)
+        # Without the filter: one warning per table, each about data_parallel under the CPU "fused" constraint.
+        unfiltered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("No available compute")]
+        assert len(unfiltered) == 4 and all("sharding type: data_parallel." in m for m in unfiltered)
+        caplog.clear()
+        with quiet_cpu_kernel_gaps("cpu"):
+            _plan_on_cpu(cfg)
+            # Anything else from the same logger still comes through.
+            enumerators.warning(noise.format("t") + ". Constrained compute kernels: ['fused'], allowed compute "
+                                "kernels: ['dense'], filtered compute kernels: [], sharding type: table_wise.")
+            enumerators.warning("No available sharding types after applying user provided constraints for t.")
+        kept = [r.getMessage() for r in caplog.records if r.name == enumerators.name]
+        assert len(kept) == 2 and "sharding type: table_wise." in kept[0] and "sharding types" in kept[1]
+        caplog.clear()
+        _plan_on_cpu(cfg)  # the filter is gone after the block
+        assert sum(r.getMessage().startswith("No available compute") for r in caplog.records) == 4
+
+
+def test_sparse_optimizer_substitutions_are_notes_not_per_rank_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import torch
+
+    from trainer.sharding import make_sharders, sparse_optimizer_name, sparse_optimizer_notes
+
+    cfg = load_config(REPO_ROOT / "configs" / "seq2seq.toml")  # behavior_id is a managed-collision table
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="trainer.sharding"):
+        make_sharders(cfg, cpu)  # every rank resolves the optimizers: it must not log (shard_model does, rank 0)
+        assert sparse_optimizer_name(cfg.optim, cpu) == "exact_rowwise_adagrad"
+    assert not caplog.records
+    notes = sparse_optimizer_notes(cfg, cpu)
+    assert len(notes) == 2
+    assert "using EXACT_ROWWISE_ADAGRAD instead" in notes[0] and "using EXACT_ADAGRAD for them" in notes[1]
+    assert sparse_optimizer_notes(cfg, cuda) == []
+    assert sparse_optimizer_notes(load_config(REPO_ROOT / "configs" / "default.toml"), cpu) == notes[:1]

@@ -74,6 +74,7 @@ def test_resolve_checkpoint_of_folders(tmp_path: Path) -> None:
         (run / f"step_{step}" / MARKER).write_text("")
     assert resolve_checkpoint(run / "step_10") == run / "step_10"
     assert resolve_checkpoint(run) == run / "step_20"  # no best.json: the latest
+    assert resolve_checkpoint(str(run)) == run / "step_20"  # a folder as typed
     (run / "best.json").write_text(json.dumps({"metric": "ndcg@10", "value": 0.1, "step": 10,
                                                "checkpoint": str(run / "step_10")}))  # fmt: skip
     assert resolve_checkpoint(run) == run / "step_10"

@@ -23,7 +23,6 @@ from trainer.sharding import shard_model
 logger = logging.getLogger(__name__)
 
 
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.evaluate",
@@ -68,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint folder as given, or for a run's output folder its best checkpoint (``best.json``, written
     by validation during training), else its latest complete one."""
+    path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint: folder {path} does not exist")
     if (path / MARKER).is_file():

@@ -39,7 +39,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import SequenceBatch, negatives_key, with_negatives
-from data.config import DataConfig
+from data.config import WHOLE_SEQUENCES, DataConfig
 from data.reader import SequenceReader
 from model.next_item import NextItemModel
 from trainer.config import EvalConfig, JobConfig
@@ -176,7 +176,7 @@ class Evaluator:
         cfg = self.data_cfg
         if whole_sequences:
             # Every item of the sequence: no holdout and no truncation (a batch pads to its longest user).
-            cfg = dataclasses.replace(cfg, holdout_positions=0, seq_len=1 << 30)
+            cfg = dataclasses.replace(cfg, holdout_positions=0, seq_len=WHOLE_SEQUENCES)
         return SequenceReader(cfg, rank=self.ctx.rank, world_size=self.ctx.world_size, epochs=1)
 
     def _candidates(self) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,10 +41,13 @@ logger = logging.getLogger(__name__)
 # The trainer wraps the model in TrainStep, so checkpoint keys start with "model.".
 _PREFIX = "model."
 ExportFormat = Literal["parquet", "npy"]
+# What every public function here takes for a folder: "exported/" as typed, or a Path.
+StrPath = str | os.PathLike[str]
 
 
-def load_checkpoint_model(checkpoint: Path, cfg: JobConfig | None = None) -> tuple[NextItemModel, JobConfig]:
+def load_checkpoint_model(checkpoint: StrPath, cfg: JobConfig | None = None) -> tuple[NextItemModel, JobConfig]:
     """An unsharded ``NextItemModel`` on the CPU holding the checkpoint's weights."""
+    checkpoint = Path(checkpoint)
     cfg = cfg or load_config(checkpoint / "config.toml")
     CheckpointManager.read_meta(checkpoint, cfg)  # complete, and of this shape
     model = build_model(cfg)
@@ -53,7 +57,9 @@ def load_checkpoint_model(checkpoint: Path, cfg: JobConfig | None = None) -> tup
     return model.eval(), cfg
 
 
-def export(checkpoint: Path, out: Path, fmt: ExportFormat = "parquet") -> list[Path]:
+def export(checkpoint: StrPath, out: StrPath, fmt: ExportFormat = "parquet") -> list[Path]:
+    """Write the export of ``checkpoint`` to ``out`` (see the module docstring); the files written."""
+    checkpoint, out = Path(checkpoint), Path(out)
     managed = [f.name for f in load_config(checkpoint / "config.toml").data.features if f.managed_collision]
     if managed:
         # Their rows are slots, not ids: serving needs the id -> slot mapping (and the rule for ids without a
@@ -87,8 +93,9 @@ def _write_table(folder: Path, name: str, weight: np.ndarray, fmt: ExportFormat)
     return [path]
 
 
-def read_table(folder: Path, name: str) -> np.ndarray:
+def read_table(folder: StrPath, name: str) -> np.ndarray:
     """``[rows, dim]`` weights of an exported table, whichever format it was written in."""
+    folder = Path(folder)
     npy = folder / "tables" / f"{name}.npy"
     if npy.is_file():
         return np.load(npy)
@@ -98,8 +105,11 @@ def read_table(folder: Path, name: str) -> np.ndarray:
     return flat.reshape(table.num_rows, -1)[order]
 
 
-def load_exported(folder: Path) -> NextItemModel:
+def load_exported(folder: StrPath) -> NextItemModel:
     """Rebuild the model from an export folder, on the CPU, in eval mode."""
+    folder = Path(folder)
+    if not (folder / "dense.pt").is_file():
+        raise FileNotFoundError(f"{folder} is not an export folder: it has no dense.pt (trainer.export writes one)")
     dense = torch.load(folder / "dense.pt", weights_only=False)
     cfg = load_config(folder / "config.toml")
     model = build_model(cfg)

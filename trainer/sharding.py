@@ -5,8 +5,10 @@ The model arrives built on the ``meta`` device; DMP materialises each rank's sha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,17 +47,11 @@ _CPU_SPARSE_OPTIMIZERS = {"exact_rowwise_adagrad", "exact_adagrad", "exact_sgd"}
 
 
 def sparse_optimizer_name(cfg: OptimConfig, device: torch.device) -> str:
-    """Resolve ``optim.sparse_optimizer`` for the device, saying once why CPU cannot use row-wise Adam."""
+    """Resolve ``optim.sparse_optimizer`` for the device (quietly: ``sparse_optimizer_notes`` says why)."""
     name = cfg.sparse_optimizer
     on_cpu = device.type == "cpu"
     if name == "auto":
-        if not on_cpu:
-            return "partial_rowwise_adam"
-        logger.warning(
-            "sparse optimizer: fbgemm has no row-wise Adam kernel on CPU; using EXACT_ROWWISE_ADAGRAD instead "
-            "(PARTIAL_ROWWISE_ADAM is used on CUDA)"
-        )
-        return "exact_rowwise_adagrad"
+        return "exact_rowwise_adagrad" if on_cpu else "partial_rowwise_adam"
     if on_cpu and name not in _CPU_SPARSE_OPTIMIZERS:
         raise ValueError(
             f"optim.sparse_optimizer = {name!r} has no fbgemm CPU kernel; use one of "
@@ -84,13 +80,33 @@ def mc_fused_params(cfg: OptimConfig, device: torch.device) -> dict[str, Any]:
     EXACT_ADAGRAD (whose reset fbgemm skips; TorchRec re-initialises the weights) and the log says so.
     """
     params = fused_params(cfg, device)
-    if device.type == "cpu" and params["optimizer"] == EmbOptimType.EXACT_ROWWISE_ADAGRAD:
-        logger.warning(
+    if _mc_tables_use_exact_adagrad(cfg, device):
+        params["optimizer"] = EmbOptimType.EXACT_ADAGRAD
+    return params
+
+
+def _mc_tables_use_exact_adagrad(cfg: OptimConfig, device: torch.device) -> bool:
+    return device.type == "cpu" and sparse_optimizer_name(cfg, device) == "exact_rowwise_adagrad"
+
+
+def sparse_optimizer_notes(cfg: JobConfig, device: torch.device) -> list[str]:
+    """Why the sparse optimizer on ``device`` differs from the one configured, one line per substitution.
+
+    Kept apart from resolving it (``sparse_optimizer_name``, ``mc_fused_params``), which every rank does, and
+    sometimes twice: ``shard_model`` logs these once, on rank 0, instead of once per rank and call.
+    """
+    notes = []
+    if device.type == "cpu" and cfg.optim.sparse_optimizer == "auto":
+        notes.append(
+            "sparse optimizer: fbgemm has no row-wise Adam kernel on CPU; using EXACT_ROWWISE_ADAGRAD instead "
+            "(PARTIAL_ROWWISE_ADAM is used on CUDA)"
+        )
+    if any(f.managed_collision for f in cfg.data.features) and _mc_tables_use_exact_adagrad(cfg.optim, device):
+        notes.append(
             "managed-collision tables: fbgemm cannot reset row-wise Adagrad state on CPU at evictions; "
             "using EXACT_ADAGRAD for them"
         )
-        params["optimizer"] = EmbOptimType.EXACT_ADAGRAD
-    return params
+    return notes
 
 
 def make_sharders(cfg: JobConfig, device: torch.device) -> list[ModuleSharder[nn.Module]]:
@@ -193,12 +209,50 @@ def prepare_for_planning(model: nn.Module, world_size: int) -> None:
     set_mc_buckets(model, world_size)
 
 
+class _CpuDataParallelNoise(logging.Filter):
+    """Drops TorchRec's "No available compute kernels" warning for data_parallel under our CPU constraint.
+
+    On CPU every table is constrained to the "fused" kernel (``_cpu_kernels``) unless data_parallel is asked
+    for, and data_parallel has only the "dense" kernel; the planner's enumerator therefore finds no kernel for
+    data_parallel and warns once per table on every CPU run (four lines for the default config), although
+    leaving data_parallel out is exactly what the constraint is for. Only that combination is dropped: any
+    other sharding type or kernel set, and every other planner message, still comes through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (
+            text.startswith("No available compute kernels")
+            and "Constrained compute kernels: ['fused'], allowed compute kernels: ['dense']," in text
+            and "sharding type: data_parallel." in text
+        )
+
+
+_ENUMERATOR_LOGGER = "torchrec.distributed.planner.enumerators"
+
+
+@contextlib.contextmanager
+def quiet_cpu_kernel_gaps(compute_device: str) -> Iterator[None]:
+    """While planning for ``compute_device``: on CPU, without ``_CpuDataParallelNoise``'s warnings."""
+    if compute_device != "cpu":
+        yield
+        return
+    noise = _CpuDataParallelNoise()
+    enumerators = logging.getLogger(_ENUMERATOR_LOGGER)
+    enumerators.addFilter(noise)
+    try:
+        yield
+    finally:
+        enumerators.removeFilter(noise)
+
+
 def plan_sharding(
     model: nn.Module, cfg: JobConfig, ctx: DistContext, sharders: list[ModuleSharder[nn.Module]]
 ) -> ShardingPlan:
     """Plan on rank 0 and broadcast it, so every rank shards the same way."""
     planner = make_planner(cfg, ctx.world_size, ctx.local_world_size, ctx.device.type)
-    return planner.collective_plan(model, sharders, ctx.control_group if ctx.backend == "gloo" else None)
+    with quiet_cpu_kernel_gaps(ctx.device.type):
+        return planner.collective_plan(model, sharders, ctx.control_group if ctx.backend == "gloo" else None)
 
 
 def shard_model(model: nn.Module, cfg: JobConfig, ctx: DistContext) -> DistributedModelParallel:
@@ -211,6 +265,9 @@ def shard_model(model: nn.Module, cfg: JobConfig, ctx: DistContext) -> Distribut
             )
     prepare_for_planning(model, ctx.world_size)
     sharders = make_sharders(cfg, ctx.device)
+    if ctx.is_main:
+        for note in sparse_optimizer_notes(cfg, ctx.device):
+            logger.warning("%s", note)
     plan = plan_sharding(model, cfg, ctx, sharders)
     if ctx.is_main:
         logger.info("sharding plan:\n%s", plan)
