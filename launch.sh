@@ -14,7 +14,13 @@ SAMPLE_DATA=.cache/sample_data
 DEFAULT_CONFIG=configs/default.toml
 # Bump when the install procedure below changes, so existing environments are rebuilt.
 INSTALL_SCHEMA=1
-ENV_INSTALLED=0
+# Set once ensure_env has run trainer.deps, so `setup` does not run it twice.
+ENV_CHECKED=0
+# venv: launch.sh creates and maintains $VENV. current: the Python environment already there (a GPU host's,
+# a container image's) is used as it is, only checked. `--use-current-env` before the subcommand sets it.
+SEQREC_ENV=${SEQREC_ENV:-venv}
+# The torchx command of the environment in use (ensure_env sets it; torchx_local runs it).
+TORCHX=("$VENV/bin/torchx")
 
 usage() {
     cat <<'EOF'
@@ -41,13 +47,21 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
         Only create/update the environment and check the dependency set.
   ./launch.sh help | -h | --help
         This text.
+  ./launch.sh --use-current-env SUBCOMMAND ...
+        Any of the above in the current Python environment (same as SEQREC_ENV=current).
 
 The environment (.venv, or $SEQREC_VENV) is created on first use from the pins in setup.cfg and
-reused while those pins, the flavour and the Python version are unchanged.
+reused while those pins, the flavour and the Python version are unchanged. With SEQREC_ENV=current
+(hosts and containers that come with torch, and often no package registry) nothing is created or
+installed: $SEQREC_PYTHON, else python3 on PATH (an activated venv or conda env), is checked by
+`python -m trainer.deps` against the matched torch/fbgemm/torchrec sets and used as it is; a
+missing or mismatched package stops the launch with exit code 3 and a list of what to install.
 
 Environment variables:
+  SEQREC_ENV             venv (default): create and use $SEQREC_VENV; current: use the current environment
   SEQREC_VENV            where the virtual environment lives (default: ./.venv)
-  SEQREC_PYTHON          interpreter used to create it (default: python3, must be >= 3.11)
+  SEQREC_PYTHON          interpreter used to create it, or with SEQREC_ENV=current the one used
+                         (a name on PATH or an absolute path; default: python3, must be >= 3.11)
   SEQREC_FLAVOUR         cpu | cuda (default: cuda when `nvidia-smi -L` lists a GPU, else cpu)
   SEQREC_NPROC           ranks per node (default: number of GPUs on cuda, 2 on cpu)
   SEQREC_TORCH_INDEX_URL extra pip index for torch (e.g. https://download.pytorch.org/whl/cpu)
@@ -56,6 +70,8 @@ EOF
 
 log() { printf 'launch.sh: %s\n' "$*" >&2; }
 die() { printf 'launch.sh: error: %s\n' "$*" >&2; exit 1; }
+# Exit code 3 is trainer.main's (and trainer.deps') for missing or broken dependencies.
+die_deps() { printf 'launch.sh: error: %s\n' "$*" >&2; exit 3; }
 
 # Reads setup.cfg with configparser, so launch.sh never repeats a version pin.
 #   key FLAVOUR          -> hash of the dependency sections + flavour + Python version + install schema
@@ -182,6 +198,7 @@ install_env() {
     pip_quiet install --no-deps "${nodeps[@]}"
 
     "$VENV_PY" -m trainer.deps --flavour "$flavour" >&2 || die "the installed dependencies do not work (see above)"
+    ENV_CHECKED=1
     if ((with_test)); then echo "$key test" >"$STAMP"; else echo "$key" >"$STAMP"; fi
 }
 
@@ -194,12 +211,56 @@ env_is_current() {
     [[ $stamp == "$key test" || ($with_test == 0 && $stamp == "$key") ]]
 }
 
-# Makes sure $VENV holds the pinned set for this flavour; with_test=1 adds the test extra.
+# Writes an executable `python` that runs $VENV_PY and puts its folder first on PATH. The torchx component's
+# ranks run `python` from PATH, which need not be this interpreter (SEQREC_PYTHON=/opt/env/bin/python3 on a
+# PATH with another python, or none). A script, not a symlink: a symlink to a venv's interpreter outside
+# the venv's bin/ no longer finds the venv's pyvenv.cfg and runs the bare base interpreter.
+install_python_shim() {
+    local dir
+    # One folder per interpreter: two launches from one checkout with different environments do not clash.
+    dir=$ROOT/.cache/current-env/$(printf '%s' "$VENV_PY" | sha256sum | cut -c1-16)
+    mkdir -p "$dir"
+    printf '#!/usr/bin/env bash\n# Written by launch.sh (SEQREC_ENV=current).\nexec %q "$@"\n' "$VENV_PY" \
+        >"$dir/python.tmp"
+    chmod +x "$dir/python.tmp"
+    mv -f "$dir/python.tmp" "$dir/python"
+    export PATH=$dir:$PATH
+}
+
+# SEQREC_ENV=current: checks the interpreter's environment, and uses it, without installing anything.
+use_current_env() {
+    local flavour=$1 with_test=$2 python=${SEQREC_PYTHON:-python3} resolved
+    resolved=$(command -v "$python") \
+        || die_deps "SEQREC_ENV=current: $python not found; put the environment's python3 on PATH or set SEQREC_PYTHON"
+    "$resolved" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die_deps "SEQREC_ENV=current: $resolved is $("$resolved" --version 2>&1); seqrec needs Python >= 3.11"
+    # The interpreter's own absolute path: a relative SEQREC_PYTHON or a pyenv-style shim script would
+    # otherwise be what the ranks run.
+    VENV_PY=$("$resolved" -c 'import sys; print(sys.executable)')
+    [[ -n $VENV_PY ]] || die_deps "SEQREC_ENV=current: $resolved does not report its own path (sys.executable)"
+    log "using the current environment of $VENV_PY ($("$VENV_PY" --version 2>&1), flavour $flavour); installing nothing"
+    local -a check=(--flavour "$flavour")
+    if ((with_test)); then check+=(--test); fi
+    # trainer.deps ends its report with the line naming every missing or mismatched package.
+    "$VENV_PY" -m trainer.deps "${check[@]}" >&2 || exit 3
+    ENV_CHECKED=1
+    install_python_shim
+    # The environment's own torchx, whichever folder pip put its script in (or none: `pip install --target`).
+    TORCHX=("$VENV_PY" -m torchx.cli.main)
+}
+
+# Makes sure $VENV holds the pinned set for this flavour (with_test=1 adds the test extra), or with
+# SEQREC_ENV=current that the current environment holds a matched set.
 ensure_env() {
     local with_test=$1 flavour lock_fd
     flavour=$(detect_flavour)
     # The trainer's dependency check reads it: the flavour the environment was built for.
     export SEQREC_FLAVOUR=$flavour
+    case $SEQREC_ENV in
+        current) use_current_env "$flavour" "$with_test"; return ;;
+        venv) ;;
+        *) die "SEQREC_ENV must be venv or current, got '$SEQREC_ENV'" ;;
+    esac
     if ! env_is_current "$flavour" "$with_test"; then
         mkdir -p "$(dirname "$VENV")" .cache
         # Two launches at once (CI and a person) must not install into one venv concurrently; the second
@@ -210,7 +271,6 @@ ensure_env() {
             # An environment that had the test extra keeps it, so `test` after a re-install stays instant.
             if [[ -f $STAMP && $(<"$STAMP") == *" test" ]]; then with_test=1; fi
             install_env "$flavour" "$with_test"
-            ENV_INSTALLED=1
         fi
         exec {lock_fd}>&-
     fi
@@ -256,7 +316,7 @@ torchx_local() {
     rest=("$@")
     # For local schedulers `torchx run` waits, streams every rank's output to stderr and exits 1 when the
     # job fails, so exec keeps both the logs and the exit status. log_dir keeps the per-rank logs.
-    exec "$VENV/bin/torchx" run -s local_cwd -cfg "log_dir=$ROOT/outputs/torchx_logs" \
+    exec "${TORCHX[@]}" run -s local_cwd -cfg "log_dir=$ROOT/outputs/torchx_logs" \
         "trainer/component.py:$component" "${opts[@]}" \
         --nproc_per_node "$ranks" --cpu "$cpus" --gpu "$gpus" "${rest[@]}"
 }
@@ -303,6 +363,11 @@ run_tests() {
 }
 
 main() {
+    # A flag before the subcommand, not after: everything after it belongs to the subcommand.
+    if [[ ${1:-} == --use-current-env ]]; then
+        SEQREC_ENV=current
+        shift
+    fi
     local command=${1:-train}
     case $command in
         help | -h | --help)
@@ -310,8 +375,8 @@ main() {
             ;;
         setup)
             ensure_env 0
-            # A fresh install has just run the check; otherwise show it now.
-            if ((!ENV_INSTALLED)); then "$VENV_PY" -m trainer.deps; fi
+            # A fresh install (or SEQREC_ENV=current) has just run the check; otherwise show it now.
+            if ((!ENV_CHECKED)); then "$VENV_PY" -m trainer.deps; fi
             ;;
         test)
             shift

@@ -11,10 +11,13 @@ import pytest
 from trainer.deps import (
     DEFAULT_SET,
     MATCHED_SETS,
+    OPTIONAL_REQUIREMENTS,
     OTHER_REQUIREMENTS,
+    TEST_REQUIREMENTS,
     DependencyError,
     check_dependencies,
     check_versions,
+    optional_notes,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +28,11 @@ CPU_SET = {
     "torchrec": "1.8.0",
     "torchx": "0.7.0",
     "pyarrow": "26.0.1",
+    "numpy": "2.4.6",
+    "tensordict": "0.15.3",
+    "torchmetrics": "1.0.3",
+    "pyre-extensions": "0.0.32",
+    "tqdm": "4.70.1",
 }
 
 
@@ -83,6 +91,34 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "torchrec 1.6.1" in message and "fbgemm-gpu-cpu 1.7.0" in message and "pyarrow" in message
 
 
+def test_without_torch_everything_else_is_still_listed() -> None:
+    # One round of fixes, not one per run: the summary line names every missing package.
+    with pytest.raises(DependencyError) as caught:
+        check_versions({"torchrec": "1.6.1", "numpy": "2.0.0"}, "cpu", test=True)
+    message = str(caught.value)
+    expected_missing = ["torch", "fbgemm-gpu-cpu", *(n for n in OTHER_REQUIREMENTS if n != "numpy"), "pytest"]
+    assert message.splitlines()[-1] == (
+        f"missing: {', '.join(expected_missing)}; mismatched: torchrec 1.6.1 (needs 1.8.0)"
+    )
+    # Without a torch, the other two are judged against the set the fix installs.
+    assert "torchrec 1.6.1 does not match torch 2.13.0 of the default set" in message
+    assert {p.label for p in caught.value.problems if p.missing} == set(expected_missing)
+
+
+def test_the_test_suite_needs_pytest_only_when_asked() -> None:
+    assert check_versions(CPU_SET, "cpu") == DEFAULT_SET
+    with pytest.raises(DependencyError, match=r"(?s)pytest is not installed.*missing: pytest$"):
+        check_versions(CPU_SET, "cpu", test=True)
+    assert check_versions(_with(pytest="9.0.0"), "cpu", test=True) == DEFAULT_SET
+
+
+def test_optional_packages_are_notes_not_errors() -> None:
+    assert check_versions(CPU_SET, "cpu") == DEFAULT_SET  # CPU_SET has no numba
+    (note,) = optional_notes(CPU_SET)
+    assert "numba is not installed" in note and "numpy" in note
+    assert optional_notes(_with(numba="0.68.1")) == []
+
+
 def test_unknown_flavour_is_rejected() -> None:
     with pytest.raises(DependencyError, match="unknown flavour 'rocm'"):
         check_versions(CPU_SET, "rocm")
@@ -112,3 +148,18 @@ def test_default_set_matches_setup_cfg_pins() -> None:
     assert pins["fbgemm-gpu-cpu"] == pins["fbgemm-gpu"] == DEFAULT_SET.fbgemm
     assert pins["torchrec"] == DEFAULT_SET.torchrec
     assert pins["torchx"] == OTHER_REQUIREMENTS["torchx"].partition("==")[2]
+
+
+def test_every_setup_cfg_requirement_is_checked() -> None:
+    # SEQREC_ENV=current uses an environment launch.sh did not build: the check must cover all of it.
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(REPO_ROOT / "setup.cfg")
+    required = {
+        line.strip()
+        for line in cfg.get("options", "install_requires").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    }
+    checked = {*OTHER_REQUIREMENTS.values(), *(r for r, _ in OPTIONAL_REQUIREMENTS.values())}
+    assert required - {f"torch=={DEFAULT_SET.torch}"} == checked
+    test_extra = cfg.get("options.extras_require", "test").split()
+    assert set(TEST_REQUIREMENTS.values()) <= set(test_extra)

@@ -5,7 +5,9 @@ shared libraries, or as a missing ``torch.ops.fbgemm.*`` op deep inside TorchRec
 :func:`check_dependencies` first thing, before it imports torchrec, and every problem found becomes one
 :class:`DependencyError` that says what is wrong and what to install.
 
-``python -m trainer.deps [--flavour cpu|cuda]`` runs the same check and prints ``OK`` with the versions.
+``python -m trainer.deps [--flavour cpu|cuda] [--test]`` runs the same check and prints ``OK`` with the versions,
+or every problem at once and exits 3 (the trainer's exit code for broken dependencies). ``./launch.sh`` runs it
+after installing ``.venv``, and in place of installing with ``SEQREC_ENV=current`` (an existing environment).
 """
 
 from __future__ import annotations
@@ -33,11 +35,27 @@ PROBE_OP = "jagged_to_padded_dense"
 # An op with a CUDA kernel in the CUDA build and none in the CPU build: tells the two apart at run time.
 CUDA_PROBE_OP = "asynchronous_complete_cumsum"
 
-FIX_HINT = "Or run ./launch.sh setup, which installs the matched set into .venv."
+FIX_HINT = "Or let ./launch.sh install the matched set into .venv: ./launch.sh setup (without SEQREC_ENV=current)."
+
+# `python -m trainer.deps` exits with it on a failed check, as trainer.main does.
+EXIT_BROKEN_DEPENDENCIES = 3
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One distribution that is absent, or present in a version or build that cannot work."""
+
+    label: str  # for the summary line: the distribution, and for a mismatch what is installed and needed
+    missing: bool  # absent (else installed in the wrong version or build)
+    text: str  # what is wrong and the command that fixes it
 
 
 class DependencyError(RuntimeError):
     """The installed packages cannot run the trainer; the message says what to install."""
+
+    def __init__(self, message: str, problems: tuple[Problem, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -63,13 +81,28 @@ MATCHED_SETS: tuple[MatchedSet, ...] = (
 )
 DEFAULT_SET = MATCHED_SETS[0]
 
-# Other packages the trainer needs, with the requirement to install when missing.
+# The rest of setup.cfg's install_requires (a test keeps the two in step), with the requirement to install
+# when missing. Only their presence is checked: their versions are not tied to torch's build, and an
+# environment that came with the host (SEQREC_ENV=current) may well hold other releases that work.
 OTHER_REQUIREMENTS: dict[str, str] = {
-    "torchx": "torchx==0.7.0",
+    "numpy": "numpy>=1.26",
     "pyarrow": "pyarrow>=16",
+    "torchx": "torchx==0.7.0",
+    "tensordict": "tensordict==0.15.3",
+    "torchmetrics": "torchmetrics==1.0.3",
+    "pyre-extensions": "pyre-extensions==0.0.32",
+    "tqdm": "tqdm>=4.66",
+}
+# What `./launch.sh test` needs on top (the rest of the test extra only enables optional tests).
+TEST_REQUIREMENTS: dict[str, str] = {"pytest": "pytest>=8"}
+# Used where installed; without them the trainer runs, slower (name -> (requirement, what is lost)).
+OPTIONAL_REQUIREMENTS: dict[str, tuple[str, str]] = {
+    "numba": ("numba==0.68.1", "the reader's kernels fall back to numpy, several times slower per value"),
 }
 
-CHECKED_DISTRIBUTIONS = ("torch", FBGEMM_CPU, FBGEMM_CUDA, "torchrec", *OTHER_REQUIREMENTS)
+CHECKED_DISTRIBUTIONS = (
+    "torch", FBGEMM_CPU, FBGEMM_CUDA, "torchrec", *OTHER_REQUIREMENTS, *TEST_REQUIREMENTS, *OPTIONAL_REQUIREMENTS
+)
 
 
 def installed_versions() -> dict[str, str]:
@@ -114,70 +147,118 @@ def _describe_sets() -> str:
     )
 
 
-def _fbgemm_problems(installed: dict[str, str], matched: MatchedSet, flavour: str | None) -> list[str]:
+def _fbgemm_problems(
+    installed: dict[str, str], matched: MatchedSet, against: str, flavour: str | None
+) -> list[Problem]:
     has_cpu, has_cuda = FBGEMM_CPU in installed, FBGEMM_CUDA in installed
     if has_cpu and has_cuda:
         # Both wheels write fbgemm_gpu/; whichever was installed last silently owns some of the files.
         keep = _fbgemm_distribution(flavour)
-        return [
+        text = (
             f"both {FBGEMM_CPU} {installed[FBGEMM_CPU]} and {FBGEMM_CUDA} {installed[FBGEMM_CUDA]} are installed; "
             f"they share the fbgemm_gpu/ folder. Fix: pip uninstall -y {FBGEMM_CPU} {FBGEMM_CUDA} && "
             f"pip install {keep}=={matched.fbgemm}"
-        ]
+        )
+        return [Problem(f"{FBGEMM_CPU} and {FBGEMM_CUDA} both installed", False, text)]
     if not has_cpu and not has_cuda:
-        return [f"fbgemm is not installed. Fix: {_fbgemm_install(matched, flavour)}"]
+        label = _fbgemm_distribution(flavour) if flavour else f"{FBGEMM_CPU} or {FBGEMM_CUDA}"
+        return [Problem(label, True, f"fbgemm is not installed. Fix: {_fbgemm_install(matched, flavour)}")]
     if flavour == "cuda" and has_cpu:
-        return [
+        text = (
             f"the cuda flavour (GPU training) needs {FBGEMM_CUDA}, but the CPU-only build {FBGEMM_CPU} "
             f"is installed. Fix: pip uninstall -y {FBGEMM_CPU} && pip install {FBGEMM_CUDA}=={matched.fbgemm} "
             "(or set SEQREC_FLAVOUR=cpu to train on the CPU)"
-        ]
+        )
+        return [Problem(f"{FBGEMM_CPU} (CPU-only build; cuda needs {FBGEMM_CUDA})", False, text)]
     name = FBGEMM_CUDA if has_cuda else FBGEMM_CPU
     if not _same_series(installed[name], matched.fbgemm):
-        return [
-            f"{name} {installed[name]} does not match torch {installed['torch']} (needs {matched.fbgemm}). "
+        text = (
+            f"{name} {installed[name]} does not match {against} (needs {matched.fbgemm}). "
             f"Fix: pip install {name}=={matched.fbgemm}"
-        ]
+        )
+        return [Problem(f"{name} {installed[name]} (needs {matched.fbgemm})", False, text)]
     return []
 
 
-def _torchrec_problems(installed: dict[str, str], matched: MatchedSet) -> list[str]:
+def _torchrec_problems(installed: dict[str, str], matched: MatchedSet, against: str) -> list[Problem]:
     # --no-deps: torchrec's metadata requires the CUDA fbgemm-gpu, which would overwrite fbgemm-gpu-cpu.
     fix = f"Fix: pip install --no-deps torchrec=={matched.torchrec}"
     version = installed.get("torchrec")
     if version is None:
-        return [f"torchrec is not installed. {fix}"]
+        return [Problem("torchrec", True, f"torchrec is not installed. {fix}")]
     if not _same_series(version, matched.torchrec):
-        return [f"torchrec {version} does not match torch {installed['torch']} (needs {matched.torchrec}). {fix}"]
+        text = f"torchrec {version} does not match {against} (needs {matched.torchrec}). {fix}"
+        return [Problem(f"torchrec {version} (needs {matched.torchrec})", False, text)]
     return []
 
 
-def check_versions(installed: dict[str, str], flavour: str | None = None) -> MatchedSet:
+def _torch_problems(installed: dict[str, str]) -> list[Problem]:
+    fix = f"Fix: pip install torch=={DEFAULT_SET.torch}"
+    version = installed.get("torch")
+    if version is None:
+        return [Problem("torch", True, f"torch is not installed. {fix}")]
+    if _select_set(version) is None:
+        text = f"torch {version} is not part of a supported set. {fix}"
+        return [Problem(f"torch {version} (unsupported)", False, text)]
+    return []
+
+
+def _missing(installed: dict[str, str], requirements: dict[str, str]) -> list[Problem]:
+    return [
+        Problem(name, True, f"{name} is not installed. Fix: pip install '{requirement}'")
+        for name, requirement in requirements.items()
+        if name not in installed
+    ]
+
+
+def _failure_message(problems: list[Problem]) -> str:
+    missing = [p.label for p in problems if p.missing]
+    mismatched = [p.label for p in problems if not p.missing]
+    # Last, on one line: the line a launcher's log shows when it keeps only the tail.
+    summary = "; ".join(
+        f"{kind}: {', '.join(labels)}" for kind, labels in (("missing", missing), ("mismatched", mismatched)) if labels
+    )
+    return "\n".join(
+        [
+            f"dependency check failed for Python {sys.version.split()[0]} at {sys.executable}:",
+            *(f"- {p.text}" for p in problems),
+            f"Supported sets: {_describe_sets()}.",
+            FIX_HINT,
+            summary,
+        ]
+    )
+
+
+def check_versions(installed: dict[str, str], flavour: str | None = None, *, test: bool = False) -> MatchedSet:
     """Check installed distribution versions (name -> version) against the matched sets.
 
-    ``flavour`` is "cpu", "cuda" or None (either fbgemm build accepted). Returns the matched set in use;
-    raises DependencyError listing every problem otherwise.
+    ``flavour`` is "cpu", "cuda" or None (either fbgemm build accepted); ``test`` also requires what the test
+    suite needs. Returns the matched set in use; raises DependencyError listing every problem otherwise.
     """
     if flavour is not None and flavour not in FLAVOURS:
         raise DependencyError(f"unknown flavour {flavour!r}; expected one of {', '.join(FLAVOURS)}")
     torch_version = installed.get("torch")
-    if torch_version is None:
-        raise DependencyError(f"torch is not installed. Fix: pip install torch=={DEFAULT_SET.torch}\n{FIX_HINT}")
-    matched = _select_set(torch_version)
-    if matched is None:
-        raise DependencyError(
-            f"torch {torch_version} is not part of a supported set ({_describe_sets()}). "
-            f"Fix: pip install torch=={DEFAULT_SET.torch}\n{FIX_HINT}"
-        )
-    problems = _fbgemm_problems(installed, matched, flavour) + _torchrec_problems(installed, matched)
-    problems += [
-        f"{name} is not installed. Fix: pip install '{requirement}'"
-        for name, requirement in OTHER_REQUIREMENTS.items()
+    selected = _select_set(torch_version) if torch_version else None
+    # Without a usable torch, fbgemm and torchrec are judged against the default set: the one the fix installs.
+    matched = selected or DEFAULT_SET
+    against = f"torch {torch_version}" if selected else f"torch {DEFAULT_SET.torch} of the {DEFAULT_SET.label} set"
+    problems = _torch_problems(installed)
+    problems += _fbgemm_problems(installed, matched, against, flavour) + _torchrec_problems(installed, matched, against)
+    problems += _missing(installed, OTHER_REQUIREMENTS)
+    if test:
+        problems += _missing(installed, TEST_REQUIREMENTS)
+    if problems:
+        raise DependencyError(_failure_message(problems), tuple(problems))
+    return matched
+
+
+def optional_notes(installed: dict[str, str]) -> list[str]:
+    """One line per optional package that is absent: what is lost and what to install."""
+    return [
+        f"note: {name} is not installed, so {lost}. Fix: pip install '{requirement}'"
+        for name, (requirement, lost) in OPTIONAL_REQUIREMENTS.items()
         if name not in installed
     ]
-    if problems:
-        raise DependencyError("\n".join(["dependency check failed:", *(f"- {p}" for p in problems), FIX_HINT]))
-    return matched
 
 
 def _import(module: str, matched: MatchedSet) -> None:
@@ -223,17 +304,17 @@ def _detect_flavour() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_dependencies(flavour: str | None = None) -> MatchedSet:
+def check_dependencies(flavour: str | None = None, *, test: bool = False) -> MatchedSet:
     """Check versions, then that fbgemm_gpu and torchrec import and register their ops.
 
-    ``flavour`` defaults to $SEQREC_FLAVOUR, else "cuda" when torch sees a GPU, else "cpu".
-    Raises DependencyError with what to install; returns the matched set in use.
+    ``flavour`` defaults to $SEQREC_FLAVOUR, else "cuda" when torch sees a GPU, else "cpu"; ``test`` also
+    requires the test suite's packages. Raises DependencyError with what to install; returns the matched set in use.
     """
     installed = installed_versions()
     if flavour is None and "torch" in installed:
         _import("torch", DEFAULT_SET)
         flavour = _detect_flavour()
-    matched = check_versions(installed, flavour)
+    matched = check_versions(installed, flavour, test=test)
     assert flavour is not None  # check_versions raised if torch was missing
     _import("fbgemm_gpu", matched)
     _check_fbgemm_ops(matched, flavour)
@@ -243,15 +324,22 @@ def check_dependencies(flavour: str | None = None) -> MatchedSet:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check that torch, fbgemm-gpu and torchrec are a matched set.")
+    parser = argparse.ArgumentParser(
+        description="Check that this Python environment can run seqrec: torch, fbgemm-gpu and torchrec a matched "
+        f"set, the other dependencies present. Exits {EXIT_BROKEN_DEPENDENCIES} naming every problem otherwise."
+    )
     parser.add_argument("--flavour", choices=FLAVOURS, default=None, help="default: $SEQREC_FLAVOUR or auto-detect")
+    parser.add_argument("--test", action="store_true", help="also require what the test suite needs (pytest)")
     args = parser.parse_args(argv)
     try:
-        matched = check_dependencies(args.flavour)
+        matched = check_dependencies(args.flavour, test=args.test)
     except DependencyError as error:
         print(f"ERROR: {error}", file=sys.stderr)
-        return 1
-    versions = ", ".join(f"{name} {version}" for name, version in installed_versions().items())
+        return EXIT_BROKEN_DEPENDENCIES
+    installed = installed_versions()
+    for note in optional_notes(installed):
+        print(note, file=sys.stderr)
+    versions = ", ".join(f"{name} {version}" for name, version in installed.items())
     print(f"OK ({matched.label} set): {versions}")
     return 0
 
