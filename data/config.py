@@ -15,7 +15,11 @@ WHOLE_SEQUENCES = 1 << 30
 
 class DataConfigError(ValueError):
     """A ``[data]`` setting the reader cannot work with; the message names the key (``data.batch_size``,
-    ``data.features.0 (item_id).hash_type``, ...)."""
+    ``data.features.0 (item_id).hash_type``, ...). ``faults`` holds each fault when there are several."""
+
+    def __init__(self, message: str, faults: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.faults = faults or [message]
 
 
 @dataclass
@@ -130,29 +134,39 @@ class DataConfig:
 
     def validate(self) -> None:
         """Every rule on ``[data]`` alone, checked once: by the job's config loader before anything starts,
-        and by ``SequenceReader`` for a config built in code."""
+        and by ``SequenceReader`` for a config built in code. One error lists every fault (a line each)."""
+        faults: list[str] = []
         if not self.features:
-            raise DataConfigError("data.features: at least one feature is required")
+            faults.append("data.features: at least one feature is required")
         for key, value in (("batch_size", self.batch_size), ("seq_len", self.seq_len),
                            ("read_threads", self.read_threads), ("prefetch", self.prefetch)):  # fmt: skip
             if value <= 0:
-                raise DataConfigError(f"data.{key} must be > 0, got {value}")
+                faults.append(f"data.{key} must be > 0, got {value}")
         for key, value in (("read_workers", self.read_workers), ("holdout_positions", self.holdout_positions),
                            ("shuffle_buffer", self.shuffle_buffer), ("shuffle_seed", self.shuffle_seed)):  # fmt: skip
             if value < 0:
                 meaning = " (0 = decode on the read_threads)" if key == "read_workers" else ""
-                raise DataConfigError(f"data.{key} must be >= 0{meaning}, got {value}")
+                faults.append(f"data.{key} must be >= 0{meaning}, got {value}")
         # Literal-typed fields are checked by the TOML loader; a config built in code is checked here.
         if self.truncate_side not in ("left", "right"):
-            raise DataConfigError(f"data.truncate_side must be 'left' or 'right', not {self.truncate_side!r}")
+            faults.append(f"data.truncate_side must be 'left' or 'right', not {self.truncate_side!r}")
         if self.empty_sequences not in ("skip", "error"):
-            raise DataConfigError(f"data.empty_sequences must be 'skip' or 'error', not {self.empty_sequences!r}")
-        names: list[str] = []
+            faults.append(f"data.empty_sequences must be 'skip' or 'error', not {self.empty_sequences!r}")
+        faults += self._feature_faults()
+        if faults:
+            raise DataConfigError("\n".join(faults), faults)
+
+    def _feature_faults(self) -> list[str]:
+        faults, names = [], []
         for i, feature in enumerate(self.features):
             key = f"data.features.{i} ({feature.name})"
             if feature.name in names:
-                raise DataConfigError(f"{key}: feature name {feature.name!r} appears twice")
+                faults.append(f"{key}: feature name {feature.name!r} appears twice")
             names.append(feature.name)
-            feature.validate(key)
-        if self.item_feature not in names:
-            raise DataConfigError(f"data.item_feature {self.item_feature!r} is not one of the features {names}")
+            try:
+                feature.validate(key)
+            except DataConfigError as e:
+                faults.append(str(e))
+        if self.features and self.item_feature not in names:
+            faults.append(f"data.item_feature {self.item_feature!r} is not one of the features {names}")
+        return faults

@@ -7,11 +7,13 @@ Every key is checked against the dataclass it lands in: an unknown key or a valu
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +23,20 @@ from model.config import ModelConfig
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the offending key."""
+    """A config file or override that cannot be used. It holds every fault found (``faults``), each naming
+    the key to change (``model.num_layers``); ``source`` is the file they were found in."""
+
+    def __init__(self, faults: str | list[str], source: str | Path = "") -> None:
+        self.faults = [faults] if isinstance(faults, str) else list(faults)
+        self.source = str(source)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        head = f"{self.source}: " if self.source else ""
+        if len(self.faults) == 1:
+            return head + self.faults[0]
+        # One fault per line, so each can be read (and fixed) on its own.
+        return f"{head}{len(self.faults)} problems:\n" + "\n".join(f"  - {f}" for f in self.faults)
 
 
 ShardingType = Literal["table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise"]
@@ -181,19 +196,34 @@ class JobConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Read a TOML file, apply ``--section.key=value`` overrides, type-check and validate the result."""
+    """Read a TOML file, apply ``--section.key=value`` overrides, type-check and validate the result.
+
+    Raises one ``ConfigError`` holding every fault: all unknown keys and wrong types first (with a "did you
+    mean"), else every rule the values break."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        raise ConfigError(f"not valid TOML: {e}", path) from e
+    loader = _Loader()
     for item in overrides or []:
-        key, value = parse_override(item)
-        _set_path(raw, key.split("."), value, key)
-    cfg = _build(JobConfig, raw, prefix="")
-    validate(cfg)
+        try:
+            key, value = parse_override(item)
+            _set_path(raw, key.split("."), value, key)
+            loader.from_override[key] = item
+        except ConfigError as e:
+            loader.faults.extend(e.faults)
+    cfg = loader.build(JobConfig, raw, prefix="")
+    if loader.faults:
+        # Rules on values are checked only once every key is known and typed: a rule run on a default that
+        # stands in for a mistyped value would report a second, misleading fault.
+        raise ConfigError(loader.faults, path)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(e.faults, path) from None
     return cfg
 
 
@@ -232,48 +262,121 @@ def _list_index(node: list[Any], part: str, full_key: str) -> int:
     return int(part)
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a table, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = f"[{prefix}]" if prefix else "the top level"
-        raise ConfigError(f"unknown config key {_join(prefix, unknown[0])!r} in {where}; known keys: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in raw.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field (e.g. a feature's name) is missing
-        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+def _sections() -> dict[str, set[str]]:
+    """Keys of every section, for "did you mean" across sections (``train.batch_size`` -> ``data.batch_size``)."""
+    hints = typing.get_type_hints(JobConfig)
+    sections = {name: {f.name for f in dataclasses.fields(hints[name])} for name in hints}
+    sections["data.features"] = {f.name for f in dataclasses.fields(JobFeatureConfig)}
+    return sections
+
+
+class _Loader:
+    """Builds the typed config from the TOML tree, collecting every unknown key and wrongly typed value."""
+
+    def __init__(self) -> None:
+        self.faults: list[str] = []
+        # Keys set on the command line, so their faults say so ("from --model.nhed=4").
+        self.from_override: dict[str, str] = {}
+
+    def fault(self, key: str, message: str) -> None:
+        origin = next((o for k, o in self.from_override.items() if _within(key, k) or _within(k, key)), None)
+        self.faults.append(f"{message} (from the override {origin})" if origin else message)
+
+    def build(self, cls: type, raw: Any, prefix: str) -> Any:
+        """An instance of ``cls`` from a TOML table; None when a fault leaves it unbuildable."""
+        if not isinstance(raw, dict):
+            self.fault(prefix, f"{prefix or 'config'}: expected a table, got {type(raw).__name__}")
+            return None
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in raw.items():
+            full = _join(prefix, key)
+            if key not in names:
+                where = f"in [{_section_of(prefix)}]" if prefix else "at the top level"
+                self.fault(full, f"unknown key {full!r} {where}{_suggest(key, prefix, names)}")
+                continue
+            try:
+                kwargs[key] = self.coerce(value, hints[key], full)
+            except ConfigError as e:
+                self.fault(full, str(e))
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a required field (e.g. a feature's name) is missing
+            if not self.faults:
+                self.fault(prefix, f"{prefix or 'config'}: {e}")
+            return None
+
+    def coerce(self, value: Any, hint: Any, key: str) -> Any:
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            return self.build(hint, value, key)
+        if origin in (types.UnionType, typing.Union):
+            for option in typing.get_args(hint):
+                try:
+                    return _coerce_value(value, option, key)
+                except ConfigError:
+                    continue
+            raise ConfigError(f"{key}: {value!r} matches none of the allowed types ({hint})")
+        if origin is list:
+            if not isinstance(value, list):
+                raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            (item_hint,) = typing.get_args(hint)
+            items = []
+            for i, v in enumerate(value):
+                try:
+                    items.append(self.coerce(v, item_hint, f"{key}.{i}"))
+                except ConfigError as e:
+                    self.fault(f"{key}.{i}", str(e))
+            return items
+        return _coerce_value(value, hint, key)
+
+
+def _within(key: str, section: str) -> bool:
+    return key == section or key.startswith(section + ".")
+
+
+def _section_of(prefix: str) -> str:
+    # data.features.0 -> data.features: the "did you mean" candidates are the same for every feature.
+    parts = [p for p in prefix.split(".") if not p.isdigit()]
+    return ".".join(parts)
+
+
+def _suggest(key: str, prefix: str, known: set[str]) -> str:
+    """A near miss in the same section, else the section that has this key (``train.batch_size``)."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {_join(prefix, close[0])!r}?"
+    section = _section_of(prefix)
+    elsewhere = [s for s, keys in _sections().items() if key in keys and s != section]
+    if elsewhere:
+        return f"; did you mean {elsewhere[0] + '.' + key!r}?"
+    if not prefix:
+        close = difflib.get_close_matches(key, sorted(_sections()), n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean [{close[0]}]?"
+    return f"; known keys: {sorted(known)}"
 
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def _coerce_value(value: Any, hint: Any, key: str) -> Any:
+    """A scalar or Literal value, type-checked (containers and tables are ``_Loader.coerce``'s)."""
     origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if origin in (types.UnionType, typing.Union):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} matches none of the allowed types ({hint})")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+            hint_text = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{hint_text}")
         return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (item_hint,) = typing.get_args(hint)
-        return [_coerce(v, item_hint, f"{key}.{i}") for i, v in enumerate(value)]
+        return [_coerce_value(v, item_hint, f"{key}.{i}") for i, v in enumerate(value)]
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
@@ -291,30 +394,43 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def validate(cfg: JobConfig) -> None:
-    """Checks that need more than one field; each message names the key to change."""
+    """Checks that need more than one field; each message names the key to change. Every rule runs, and one
+    ``ConfigError`` lists all the faults found; rules that need valid features run only when they are."""
     cfg.data = JobDataConfig.of(cfg.data)  # features added in code after construction may be plain ones
-    d, m, t = cfg.data, cfg.model, cfg.train
-    try:
-        d.validate()  # the rules on [data] alone, owned by the data package
-    except DataConfigError as e:
-        raise ConfigError(str(e)) from None
-    _positive(
-        {
-            "model.hidden_size": m.hidden_size,
-            "model.num_layers": m.num_layers,
-            "model.nhead": m.nhead,
-            "model.dim_feedforward": m.dim_feedforward,
-            "train.log_steps": t.log_steps,
-            "optim.dense_lr": cfg.optim.dense_lr,
-            "optim.sparse_lr": cfg.optim.sparse_lr,
-            "model.temperature": m.temperature,
-            "train.collective_timeout_s": t.collective_timeout_s,
-        }
-    )
+    faults: list[str] = []
+    features_ok = _run_rules((_data_rules, _feature_rules), cfg, faults)
+    _run_rules((_model_rules, _train_rules, _optim_rules, _validate_encoder), cfg, faults)
+    if features_ok:
+        _run_rules((_validate_targets,), cfg, faults)
+    _run_rules((_validate_eval_settings,), cfg, faults)
+    if features_ok:
+        _run_rules((_validate_eval_needs,), cfg, faults)
+    if faults:
+        raise ConfigError(faults)
+
+
+def _run_rules(rules: tuple[Callable[[JobConfig], None], ...], cfg: JobConfig, faults: list[str]) -> bool:
+    """Runs each rule, collecting its faults; True when none had any."""
+    before = len(faults)
+    for rule in rules:
+        try:
+            rule(cfg)
+        except (ConfigError, DataConfigError) as e:
+            faults.extend(e.faults)
+    return len(faults) == before
+
+
+def _data_rules(cfg: JobConfig) -> None:
+    d = cfg.data
+    d.validate()  # the rules on [data] alone, owned by the data package
     if d.seq_len < 2:
         raise ConfigError("data.seq_len: next-item training needs at least 2 positions")
     if not d.paths():
         raise ConfigError("data.data_paths: no input files or folders given")
+
+
+def _feature_rules(cfg: JobConfig) -> None:
+    d, m = cfg.data, cfg.model
     _validate_features(d.features)
     dims = sorted({f.emb_dim for f in d.features})
     if len(dims) > 1:
@@ -323,28 +439,45 @@ def validate(cfg: JobConfig) -> None:
     emb_total = sum(f.emb_dim for f in d.features)
     if m.emb_size != emb_total:
         raise ConfigError(f"model.emb_size = {m.emb_size} but the features' emb_dim add up to {emb_total}")
-    if m.hidden_size % m.nhead:
-        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.nhead ({m.nhead})")
+
+
+def _model_rules(cfg: JobConfig) -> None:
+    m = cfg.model
+    _positive({"model.hidden_size": m.hidden_size, "model.num_layers": m.num_layers, "model.nhead": m.nhead,
+               "model.dim_feedforward": m.dim_feedforward, "model.temperature": m.temperature})  # fmt: skip
+    faults = []
+    if m.nhead > 0 and m.hidden_size % m.nhead:
+        faults.append(f"model.hidden_size ({m.hidden_size}) must be divisible by model.nhead ({m.nhead})")
     if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        faults.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.max_positions < 0:
+        faults.append(f"model.max_positions must be >= 0, got {m.max_positions}")
+    if m.attention == "varlen" and cfg.train.device == "cpu":
+        faults.append("model.attention = 'varlen' is FlashAttention's CUDA kernel; train.device is 'cpu' (use 'auto')")
+    if faults:
+        raise ConfigError(faults)
+
+
+def _train_rules(cfg: JobConfig) -> None:
+    t = cfg.train
+    _positive({"train.log_steps": t.log_steps, "train.collective_timeout_s": t.collective_timeout_s})
     if t.train_steps < 0 or t.train_epochs < 0:
         raise ConfigError("train.train_steps and train.train_epochs must be >= 0")
     if t.train_steps == 0 and t.train_epochs == 0:
         raise ConfigError("set train.train_steps or train.train_epochs (both are 0: the run would never end)")
     if t.save_steps < 0 or t.max_to_keep < 0:
         raise ConfigError("train.save_steps and train.max_to_keep must be >= 0")
+    if not t.output_dir:
+        raise ConfigError("train.output_dir must name a folder")
+
+
+def _optim_rules(cfg: JobConfig) -> None:
     o = cfg.optim
+    _positive({"optim.dense_lr": o.dense_lr, "optim.sparse_lr": o.sparse_lr})
     if o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
-    if len(cfg.optim.dense_betas) != 2:
+    if len(o.dense_betas) != 2:
         raise ConfigError("optim.dense_betas must hold two numbers")
-    if m.max_positions < 0:
-        raise ConfigError(f"model.max_positions must be >= 0, got {m.max_positions}")
-    _validate_encoder(cfg)
-    if m.attention == "varlen" and t.device == "cpu":
-        raise ConfigError("model.attention = 'varlen' is FlashAttention's CUDA kernel; train.device is 'cpu' (use 'auto')")
-    _validate_targets(cfg)
-    _validate_eval(cfg)
 
 
 def _item_only_targets(cfg: JobConfig) -> bool:
@@ -418,70 +551,95 @@ def _validate_negatives(m: ModelConfig) -> None:
         )
 
 
-def _validate_eval(cfg: JobConfig) -> None:
+def _validate_eval_settings(cfg: JobConfig) -> None:
     e, t = cfg.eval, cfg.train
+    faults = []
     if t.eval_steps < 0 or t.eval_epochs < 0 or t.early_stop_patience < 0:
-        raise ConfigError("train.eval_steps, train.eval_epochs and train.early_stop_patience must be >= 0")
+        faults.append("train.eval_steps, train.eval_epochs and train.early_stop_patience must be >= 0")
     if t.eval_steps and t.eval_epochs:
-        raise ConfigError("set train.eval_steps or train.eval_epochs, not both")
+        faults.append("set train.eval_steps or train.eval_epochs, not both")
     if t.save_best and not t.evaluates:
-        raise ConfigError("train.save_best checkpoints the best validation value: set train.eval_epochs or train.eval_steps")
+        faults.append("train.save_best checkpoints the best validation value: set train.eval_epochs or train.eval_steps")
     if t.early_stop_patience and not t.evaluates:
-        raise ConfigError("train.early_stop_patience stops on the validation metric: set train.eval_epochs or train.eval_steps")
-    _positive({"eval.num_negatives": e.num_negatives, "eval.item_chunk": e.item_chunk})
+        faults.append("train.early_stop_patience stops on the validation metric: set train.eval_epochs or train.eval_steps")
+    try:
+        _positive({"eval.num_negatives": e.num_negatives, "eval.item_chunk": e.item_chunk})
+    except ConfigError as error:
+        faults.extend(error.faults)
     if e.batch_size < 0:
-        raise ConfigError(f"eval.batch_size must be >= 0 (0 = data.batch_size), got {e.batch_size}")
+        faults.append(f"eval.batch_size must be >= 0 (0 = data.batch_size), got {e.batch_size}")
     if not e.ks or any(k <= 0 for k in e.ks):
-        raise ConfigError(f"eval.ks must be a non-empty list of positive cut-offs, got {e.ks}")
-    if e.best_metric not in e.metric_names():
-        raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not one of {e.metric_names()}")
-    if not t.evaluates:
+        faults.append(f"eval.ks must be a non-empty list of positive cut-offs, got {e.ks}")
+    elif e.best_metric not in e.metric_names():
+        faults.append(f"eval.best_metric: {e.best_metric!r} is not one of {e.metric_names()}")
+    if faults:
+        raise ConfigError(faults)
+
+
+def _validate_eval_needs(cfg: JobConfig) -> None:
+    """What evaluation during training needs of the features and the data."""
+    if not cfg.train.evaluates:
         return
     require_ranking(cfg, "evaluation (train.eval_steps / train.eval_epochs)")
-    if cfg.data.holdout_positions < 2 and not e.data_paths:
+    require_held_out_targets(cfg, "train.eval_steps / train.eval_epochs")
+
+
+def require_held_out_targets(cfg: JobConfig, what: str) -> None:
+    """Leave-one-out targets must not have been trained on (or the metrics measure memorisation)."""
+    if cfg.data.holdout_positions < 2 and not cfg.eval.data_paths:
         raise ConfigError(
-            "train.eval_steps: the evaluation targets (each user's last two items) would be trained on; set "
+            f"{what}: the evaluation targets (each user's last two items) would be trained on; set "
             "data.holdout_positions = 2 (leave-one-out) or point eval.data_paths at other files"
         )
 
 
 def _positive(values: dict[str, float]) -> None:
-    for key, value in values.items():
-        if not value > 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
+    faults = [f"{key} must be > 0, got {value}" for key, value in values.items() if not value > 0]
+    if faults:
+        raise ConfigError(faults)
 
 
 def _validate_features(features: list[JobFeatureConfig]) -> None:
     """Rules on the features' tables (embedding width, rows, sharing, sharding, managed collisions): what
-    the model and the sharding need, beyond what the reader checks (``DataConfig.validate``)."""
+    the model and the sharding need, beyond what the reader checks (``DataConfig.validate``). Each feature's
+    first fault is reported."""
     tables: dict[str, JobFeatureConfig] = {}
+    faults = []
     for i, f in enumerate(features):
-        key = f"data.features.{i} ({f.name})"
-        if f.emb_dim <= 0:
-            raise ConfigError(f"{key}.emb_dim must be > 0")
-        if f.managed_collision and f.mc_capacity <= 0:
-            # RecIS's bucket 0 means an unbounded 63-bit id in a dynamic table; TorchRec tables have fixed
-            # rows, so the ids go through a managed-collision module whose capacity must be given (never a
-            # silent modulo).
-            raise ConfigError(
-                f"{key}: hash_bucket_size = 0 with hash_type = {f.hash_type!r} means unbounded ids; set "
-                "mc_capacity (rows of the managed-collision table) or a hash_bucket_size"
-            )
-        if f.mc_capacity and not f.managed_collision:
-            raise ConfigError(f"{key}.mc_capacity applies only to hashed features with hash_bucket_size = 0")
-        _validate_sharding_fields(f, key)
-        if f.table_rows <= 0:
-            raise ConfigError(f"{key}: set hash_bucket_size or num_embeddings (the table needs a row count)")
-        other = tables.setdefault(f.table, f)
-        if (other.emb_dim, other.table_rows) != (f.emb_dim, f.table_rows):
-            raise ConfigError(
-                f"{key}: shares table {f.table!r} with {other.name!r} but has another emb_dim or row count"
-            )
-        if _table_settings(other) != _table_settings(f):
-            raise ConfigError(
-                f"{key}: shares table {f.table!r} with {other.name!r} but has other sharding or "
-                "managed-collision settings"
-            )
+        try:
+            _validate_feature(f, f"data.features.{i} ({f.name})", tables)
+        except ConfigError as e:
+            faults.extend(e.faults)
+    if faults:
+        raise ConfigError(faults)
+
+
+def _validate_feature(f: JobFeatureConfig, key: str, tables: dict[str, JobFeatureConfig]) -> None:
+    if f.emb_dim <= 0:
+        raise ConfigError(f"{key}.emb_dim must be > 0")
+    if f.managed_collision and f.mc_capacity <= 0:
+        # RecIS's bucket 0 means an unbounded 63-bit id in a dynamic table; TorchRec tables have fixed
+        # rows, so the ids go through a managed-collision module whose capacity must be given (never a
+        # silent modulo).
+        raise ConfigError(
+            f"{key}: hash_bucket_size = 0 with hash_type = {f.hash_type!r} means unbounded ids; set "
+            "mc_capacity (rows of the managed-collision table) or a hash_bucket_size"
+        )
+    if f.mc_capacity and not f.managed_collision:
+        raise ConfigError(f"{key}.mc_capacity applies only to hashed features with hash_bucket_size = 0")
+    _validate_sharding_fields(f, key)
+    if f.table_rows <= 0:
+        raise ConfigError(f"{key}: set hash_bucket_size or num_embeddings (the table needs a row count)")
+    other = tables.setdefault(f.table, f)
+    if (other.emb_dim, other.table_rows) != (f.emb_dim, f.table_rows):
+        raise ConfigError(
+            f"{key}: shares table {f.table!r} with {other.name!r} but has another emb_dim or row count"
+        )
+    if _table_settings(other) != _table_settings(f):
+        raise ConfigError(
+            f"{key}: shares table {f.table!r} with {other.name!r} but has other sharding or "
+            "managed-collision settings"
+        )
 
 
 def _table_settings(f: JobFeatureConfig) -> tuple[object, ...]:
