@@ -84,7 +84,9 @@ class Trainer:
         self.checkpoints.keep = self.best.path
         self.batches = StepAlignedBatches(self.reader, ctx, self._negative_sampler())
         t = cfg.train
-        self.metrics = MetricLogger(ctx, self.output_dir, t.train_steps, t.progress_bar, start_step=self.step)
+        self.metrics = MetricLogger(
+            ctx, self.output_dir, t.train_steps, t.progress_bar, self.step, expected_steps=self._expected_steps()
+        )
 
     def _step_counts(self) -> tuple[int, int]:
         """(steps between evaluations, steps the LR schedule spans), converting epoch-based settings with
@@ -105,6 +107,15 @@ class Trainer:
                 self.cfg.data.batch_size, f"{interval} steps" if interval else "- (never)", schedule,
             )  # fmt: skip
         return interval, schedule
+
+    def _expected_steps(self) -> int:
+        """The step the run should end at, for the progress bar's ETA: train.train_steps, or sooner the end of
+        train.train_epochs by the reader's estimate of an epoch (0 = unknown)."""
+        t = self.cfg.train
+        if not t.train_epochs or not isinstance(self.reader, SequenceReader):
+            return t.train_steps
+        epochs = t.train_epochs * self.reader.estimated_batches_per_epoch()
+        return min(t.train_steps, epochs) if t.train_steps else epochs
 
     def _write_resolved_config(self) -> None:
         if self.ctx.is_main:
