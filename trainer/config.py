@@ -122,6 +122,9 @@ class TrainConfig:
     # generous train_epochs a recipe trains "until validation stops improving", and the best checkpoint
     # (best.json) is what `./launch.sh eval --checkpoint OUTPUT_DIR` evaluates.
     early_stop_patience: int = 0
+    # TensorBoard scalars of rank 0 in output_dir/tensorboard (a resumed run appends there). Training goes on,
+    # with one warning, where the tensorboard package is missing.
+    tensorboard: bool = True
 
     @property
     def evaluates(self) -> bool:
