@@ -125,6 +125,9 @@ class TrainConfig:
     # TensorBoard scalars of rank 0 in output_dir/tensorboard (a resumed run appends there). Training goes on,
     # with one warning, where the tensorboard package is missing.
     tensorboard: bool = True
+    # torch.profiler traces of the steps START <= step < STOP ("20:25"), one file per rank under
+    # output_dir/profile; "" = off.
+    profile_steps: str = ""
 
     @property
     def evaluates(self) -> bool:
@@ -348,6 +351,24 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("model.attention = 'varlen' is FlashAttention's CUDA kernel; train.device is 'cpu' (use 'auto')")
     _validate_targets(cfg)
     _validate_eval(cfg)
+    profile_window(t.profile_steps)
+
+
+def profile_window(spec: str) -> tuple[int, int] | None:
+    """``train.profile_steps``: "START:STOP" -> (START, STOP), the steps START <= step < STOP; "" -> None."""
+    if not spec.strip():
+        return None
+    start, sep, stop = spec.partition(":")
+    try:
+        window = (int(start), int(stop)) if sep else None
+    except ValueError:
+        window = None
+    if window is None or not 1 <= window[0] < window[1]:
+        raise ConfigError(
+            f"train.profile_steps = {spec!r}: expected \"START:STOP\" with 1 <= START < STOP (the steps "
+            'START <= step < STOP, e.g. "20:25"), or "" for no profile'
+        )
+    return window
 
 
 def _item_only_targets(cfg: JobConfig) -> bool:

@@ -32,6 +32,7 @@ from trainer.evaluator import Evaluator, write_result
 from trainer.feed import NegativeSampler, StepAlignedBatches
 from trainer.metrics import MetricLogger
 from trainer.optim import build_optimizer, build_scheduler, restore_schedule
+from trainer.profiling import StepProfiler
 from trainer.sharding import shard_model
 from trainer.tensorboard import TensorBoardLog, dense_grad_norm, learning_rates
 
@@ -249,6 +250,7 @@ class Trainer:
         run = _Run(start=self.step, saved_at=self.step, evaluated_at=self.step)
         feed = self.batches.until(self._pause_step(run))
         self.tensorboard.open(self.step)
+        profiler = StepProfiler(cfg.profile_steps, self.output_dir, self.ctx, next_step=self.step + 1)
         try:
             while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
@@ -258,10 +260,12 @@ class Trainer:
                 run.trained += 1
                 if self._after_step(run):
                     feed = self.batches.until(self._pause_step(run))
+                profiler.step()  # after the step's logging, checkpoint and evaluation: part of its cost
                 if run.stop:
                     break
             self._finish(run)
         finally:
+            profiler.stop()
             self.metrics.close()
             self.tensorboard.close()
         logger.info("finished after %d steps", self.step)
