@@ -137,6 +137,12 @@ class TrainConfig:
     # generous train_epochs a recipe trains "until validation stops improving", and the best checkpoint
     # (best.json) is what `./launch.sh eval --checkpoint OUTPUT_DIR` evaluates.
     early_stop_patience: int = 0
+    # TensorBoard scalars of rank 0 in output_dir/tensorboard (a resumed run appends there). Training goes on,
+    # with one warning, where the tensorboard package is missing.
+    tensorboard: bool = True
+    # torch.profiler traces of the steps START <= step < STOP ("20:25"), one file per rank under
+    # output_dir/profile; "" = off.
+    profile_steps: str = ""
 
     @property
     def evaluates(self) -> bool:
@@ -399,7 +405,7 @@ def validate(cfg: JobConfig) -> None:
     cfg.data = JobDataConfig.of(cfg.data)  # features added in code after construction may be plain ones
     faults: list[str] = []
     features_ok = _run_rules((_data_rules, _feature_rules), cfg, faults)
-    _run_rules((_model_rules, _train_rules, _optim_rules, _validate_encoder), cfg, faults)
+    _run_rules((_model_rules, _train_rules, _profile_rules, _optim_rules, _validate_encoder), cfg, faults)
     if features_ok:
         _run_rules((_validate_targets,), cfg, faults)
     _run_rules((_validate_eval_settings,), cfg, faults)
@@ -478,6 +484,27 @@ def _optim_rules(cfg: JobConfig) -> None:
         raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
     if len(o.dense_betas) != 2:
         raise ConfigError("optim.dense_betas must hold two numbers")
+
+
+def _profile_rules(cfg: JobConfig) -> None:
+    profile_window(cfg.train.profile_steps)
+
+
+def profile_window(spec: str) -> tuple[int, int] | None:
+    """``train.profile_steps``: "START:STOP" -> (START, STOP), the steps START <= step < STOP; "" -> None."""
+    if not spec.strip():
+        return None
+    start, sep, stop = spec.partition(":")
+    try:
+        window = (int(start), int(stop)) if sep else None
+    except ValueError:
+        window = None
+    if window is None or not 1 <= window[0] < window[1]:
+        raise ConfigError(
+            f"train.profile_steps = {spec!r}: expected \"START:STOP\" with 1 <= START < STOP (the steps "
+            'START <= step < STOP, e.g. "20:25"), or "" for no profile'
+        )
+    return window
 
 
 def _item_only_targets(cfg: JobConfig) -> bool:

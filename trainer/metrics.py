@@ -48,8 +48,16 @@ class MetricLogger:
     """Keeps running sums on the training device so that steps between log lines never sync the host."""
 
     def __init__(
-        self, ctx: DistContext, output_dir: Path, total_steps: int, progress_bar: bool, start_step: int = 0
+        self,
+        ctx: DistContext,
+        output_dir: Path,
+        total_steps: int,
+        progress_bar: bool,
+        start_step: int = 0,
+        expected_steps: int | None = None,
     ) -> None:
+        """``expected_steps``: where the progress bar expects the run to end (default ``total_steps``; an epoch
+        run's estimate, for an ETA where ``total_steps`` is 0)."""
         self.ctx = ctx
         self.total_steps = total_steps
         # First step whose loss was not finite (-1: none yet); kept on device so no step waits for the host.
@@ -59,7 +67,8 @@ class MetricLogger:
         self._window_start = time.perf_counter()
         self._run_start = self._window_start
         self._jsonl: IO[str] | None = (output_dir / "metrics.jsonl").open("a") if ctx.is_main else None
-        self._bar = _progress_bar(total_steps, start_step) if ctx.is_main and progress_bar else None
+        bar_total = total_steps if expected_steps is None else expected_steps
+        self._bar = ProgressBar(bar_total, start_step) if ctx.is_main and progress_bar else None
         self.history: list[LogRecord] = []
 
     def update(self, out: NextItemOutput, step: int) -> None:
@@ -69,7 +78,7 @@ class MetricLogger:
         values = [out.loss.detach(), one, out.hits, out.num_targets, out.num_tokens, out.num_samples]
         self._sums += torch.stack([v.to(self._sums.dtype) for v in values])
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update()
 
     def raise_if_nonfinite(self) -> None:
         """Stop every rank together, naming the step, if any rank has seen a NaN/inf loss."""
@@ -112,6 +121,8 @@ class MetricLogger:
     def pause(self, seconds: float) -> None:
         """Leave ``seconds`` spent outside training (evaluation) out of the current window's rates."""
         self._window_start += seconds
+        if self._bar is not None:
+            self._bar.pause(seconds)
 
     def _peak_memory_gib(self) -> float:
         """Peak over ranks: CUDA allocator peak on GPU, peak resident set size of the process on CPU."""
@@ -130,20 +141,71 @@ class MetricLogger:
             self._jsonl.close()
 
 
-def _progress_bar(total_steps: int, start_step: int) -> tqdm:
-    # Under torchx/torchrun stderr is a pipe into a log file: redraw at most every few seconds there,
-    # on a line of its own, instead of flooding the log with carriage-return frames.
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total_steps or None,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        file=sys.stderr if interactive else _LinePerRefresh(sys.stderr),
-        mininterval=0.5 if interactive else 10.0,
-        dynamic_ncols=interactive,
-        ascii=not interactive,
-    )
+class ProgressBar:
+    """tqdm over the run's steps, on rank 0, whose rate and ETA count training steps only.
+
+    tqdm's clock would start when the bar is made and run through evaluations. The run's first step holds
+    its whole start-up (the pipeline's fill, the reader's first batches, kernel and ``model.compile``
+    compilation: seconds on CPU, a minute or more on a GPU), and an evaluation can last longer than many
+    steps. In a terminal tqdm redraws twice a second and its moving average forgets such a stall within
+    seconds; under torchx/torchrun, where stderr is a pipe into a log file, the bar prints one line every
+    10 s, its average spans minutes of lines, and the start-up alone put the ETA off many times over (steps
+    of 10 ms after a 40 s first step: "66:40:22" left, then 25.8 steps/s for about 100; on 2 CPU cores, the
+    first line of configs/default.toml said 4.2 steps/s for about 14). So the bar starts at the end of the
+    run's first step, evaluations are taken off its clock (``pause``), and off a terminal the rate is the
+    mean over the run so far (no moving average) rather than one over the last few lines.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        stream: IO[str] | None = None,
+        interactive: bool | None = None,
+        mininterval: float | None = None,
+    ) -> None:
+        self._total = total_steps or None
+        self._start = start_step
+        self._stream: IO[str] = sys.stderr if stream is None else stream
+        self._interactive = self._stream.isatty() if interactive is None else interactive
+        self._mininterval = mininterval
+        self._bar: tqdm | None = None
+
+    def _open(self) -> tqdm:
+        interactive = self._interactive
+        mininterval = self._mininterval if self._mininterval is not None else 0.5 if interactive else 10.0
+        return tqdm(
+            total=self._total,
+            initial=self._start + 1,  # the step that has just ended, first of the bar's clock
+            desc="train",
+            unit="step",
+            # Off a terminal: one whole line per refresh instead of carriage-return frames flooding the log.
+            file=self._stream if interactive else _LinePerRefresh(self._stream),
+            mininterval=mininterval,
+            # Dynamic miniters would also skip refreshes by step count; the time interval alone decides.
+            miniters=1,
+            smoothing=0.3 if interactive else 0.0,
+            dynamic_ncols=interactive,
+            ascii=not interactive,
+        )
+
+    def update(self) -> None:
+        """One step has ended."""
+        if self._bar is None:
+            self._bar = self._open()
+        else:
+            self._bar.update(1)
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` just spent outside training (an evaluation) leave the rate and the elapsed time."""
+        if self._bar is not None:
+            # What tqdm.unpause does for the time since the last redraw, for exactly these seconds.
+            self._bar.start_t += seconds
+            self._bar.last_print_t += seconds
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 class _LinePerRefresh:

@@ -39,7 +39,9 @@ from trainer.evaluator import Evaluator, write_result
 from trainer.feed import NegativeSampler, StepAlignedBatches
 from trainer.metrics import MetricLogger
 from trainer.optim import build_optimizer, build_scheduler, restore_schedule
+from trainer.profiling import StepProfiler
 from trainer.sharding import shard_model
+from trainer.tensorboard import TensorBoardLog, dense_grad_norm, learning_rates
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,10 @@ class Trainer:
         self.checkpoints.keep = self.best.path
         self.batches = StepAlignedBatches(self.reader, ctx, self._negative_sampler())
         t = cfg.train
-        self.metrics = MetricLogger(ctx, self.output_dir, t.train_steps, t.progress_bar, start_step=self.step)
+        self.metrics = MetricLogger(
+            ctx, self.output_dir, t.train_steps, t.progress_bar, self.step, expected_steps=self._expected_steps()
+        )
+        self.tensorboard = TensorBoardLog(self.output_dir, ctx, t.tensorboard)
 
     def _step_counts(self) -> tuple[int, int]:
         """(steps between evaluations, steps the LR schedule spans), converting epoch-based settings with
@@ -112,6 +117,15 @@ class Trainer:
                 self.cfg.data.batch_size, f"{interval} steps" if interval else "- (never)", schedule,
             )  # fmt: skip
         return interval, schedule
+
+    def _expected_steps(self) -> int:
+        """The step the run should end at, for the progress bar's ETA: train.train_steps, or sooner the end of
+        train.train_epochs by the reader's estimate of an epoch (0 = unknown)."""
+        t = self.cfg.train
+        if not t.train_epochs or not isinstance(self.reader, SequenceReader):
+            return t.train_steps
+        epochs = t.train_epochs * self.reader.estimated_batches_per_epoch()
+        return min(t.train_steps, epochs) if t.train_steps else epochs
 
     def _write_resolved_config(self) -> None:
         if self.ctx.is_main:
@@ -189,6 +203,7 @@ class Trainer:
         self.metrics.pause(result.seconds)
         if self.ctx.is_main:
             write_result(self.output_dir, self.step, result)
+        self.tensorboard.evaluation(self.step, result)
         value = result.metrics[self.cfg.eval.best_metric]
         if not self.best.improves(value):
             self._check_patience(run)
@@ -226,6 +241,8 @@ class Trainer:
         if self.ctx.is_main:
             parts = [f"{t} {totals[2 * i]:,} admitted, {totals[2 * i + 1]:,} evicted" for i, t in enumerate(stats)]
             logger.info("managed collisions (all ranks): %s", "; ".join(parts))
+            pairs = {t: (int(totals[2 * i]), int(totals[2 * i + 1])) for i, t in enumerate(stats)}
+            self.tensorboard.managed_collisions(self.step, pairs)
 
     # ---------------------------------------------------------------------------------------- the loop
 
@@ -246,6 +263,8 @@ class Trainer:
         self.model.train()
         run = _Run(start=self.step, saved_at=self.step, evaluated_at=self.step)
         feed = self.batches.until(self._pause_step(run))
+        self.tensorboard.open(self.step)
+        profiler = StepProfiler(cfg.profile_steps, self.output_dir, self.ctx, next_step=self.step + 1)
         try:
             while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
@@ -255,11 +274,14 @@ class Trainer:
                 run.trained += 1
                 if self._after_step(run):
                     feed = self.batches.until(self._pause_step(run))
+                profiler.step()  # after the step's logging, checkpoint and evaluation: part of its cost
                 if run.stop:
                     break
             self._finish(run)
         finally:
+            profiler.stop()
             self.metrics.close()
+            self.tensorboard.close()
         logger.info("finished after %d steps", self.step)
         return self.step
 
@@ -268,8 +290,7 @@ class Trainer:
         for it, must be renewed)."""
         cfg = self.cfg.train
         if self.step % cfg.log_steps == 0:
-            self.metrics.log(self.step)
-            self._log_managed_collisions()
+            self._log()
         if cfg.save_steps and self.step % cfg.save_steps == 0:
             self._save(run)
         if self.eval_interval and self.step % self.eval_interval == 0:
@@ -277,11 +298,20 @@ class Trainer:
             return True
         return False
 
+    def _log(self) -> None:
+        """The log line (all ranks reduce), TensorBoard's scalars (rank 0), managed-collision counts."""
+        record = self.metrics.log(self.step)
+        if self.tensorboard.active:
+            # Between this step and the next one's zero_grad: the gradients of the step just logged.
+            grad_norm = dense_grad_norm(self.optimizer)
+            self.tensorboard.train(record, learning_rates(self.optimizer, self.scheduler, self.step), grad_norm)
+        self._log_managed_collisions()
+
     def _finish(self, run: _Run) -> None:
         """The end of the run: what the last steps have not yet logged, saved or evaluated."""
         cfg = self.cfg.train
         if run.trained and self.step % cfg.log_steps:
-            self.metrics.log(self.step)  # the tail of the run since the last log line
+            self._log()  # the tail of the run since the last log line
         if cfg.save_steps and run.saved_at != self.step:
             self._save(run)
         if self.eval_interval and run.evaluated_at != self.step:
