@@ -106,3 +106,25 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
 def test_parse_override_keeps_bare_words_as_strings() -> None:
     assert parse_override("--data.data_paths=/a/b.orc") == ("data.data_paths", "/a/b.orc")
     assert parse_override("--model.dropout=0.2") == ("model.dropout", 0.2)
+
+
+def test_every_fault_is_reported_at_once_with_the_file_and_a_suggestion(tmp_path: Path) -> None:
+    path = _write(tmp_path, "")
+    overrides = ["--model.nhed=4", "--train.batch_size=8", "--model.encoder=hstuu"]
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, overrides)
+    text = str(raised.value)
+    assert text.startswith(f"{path}: 3 problems:")
+    assert "did you mean 'model.nhead'? (from the override --model.nhed=4)" in text
+    assert "did you mean 'data.batch_size'?" in text
+    assert "model.encoder: 'hstuu' is not one of ['transformer', 'hstu']; did you mean 'hstu'?" in text
+    assert len(raised.value.faults) == 3
+
+
+def test_every_rule_fault_is_reported_at_once(tmp_path: Path) -> None:
+    overrides = ["--model.nhead=3", "--data.batch_size=0", "--optim.dense_lr=0", "--eval.best_metric=auc"]
+    with pytest.raises(ConfigError) as raised:
+        load_config(_write(tmp_path, ""), overrides)
+    text = str(raised.value)
+    for key in ("model.nhead", "data.batch_size", "optim.dense_lr", "eval.best_metric"):
+        assert key in text, (key, text)

@@ -113,10 +113,11 @@ def test_the_test_suite_needs_pytest_only_when_asked() -> None:
 
 
 def test_optional_packages_are_notes_not_errors() -> None:
-    assert check_versions(CPU_SET, "cpu") == DEFAULT_SET  # CPU_SET has no numba
-    (note,) = optional_notes(CPU_SET)
-    assert "numba is not installed" in note and "numpy" in note
-    assert optional_notes(_with(numba="0.68.1")) == []
+    assert check_versions(CPU_SET, "cpu") == DEFAULT_SET  # CPU_SET has neither numba nor tensorboard
+    numba, tensorboard = optional_notes(CPU_SET)
+    assert "numba is not installed" in numba and "numpy" in numba
+    assert "tensorboard is not installed" in tensorboard and "train.tensorboard" in tensorboard
+    assert optional_notes(_with(numba="0.68.1", tensorboard="2.21.0")) == []
 
 
 def test_unknown_flavour_is_rejected() -> None:

@@ -95,9 +95,10 @@ OTHER_REQUIREMENTS: dict[str, str] = {
 }
 # What `./launch.sh test` needs on top (the rest of the test extra only enables optional tests).
 TEST_REQUIREMENTS: dict[str, str] = {"pytest": "pytest>=8"}
-# Used where installed; without them the trainer runs, slower (name -> (requirement, what is lost)).
+# Used where installed; without them the trainer runs, with less (name -> (requirement, what is lost)).
 OPTIONAL_REQUIREMENTS: dict[str, tuple[str, str]] = {
     "numba": ("numba==0.68.1", "the reader's kernels fall back to numpy, several times slower per value"),
+    "tensorboard": ("tensorboard==2.21.0", "no TensorBoard scalars (train.tensorboard); metrics.jsonl is still written"),
 }
 
 CHECKED_DISTRIBUTIONS = (
