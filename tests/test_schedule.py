@@ -11,6 +11,7 @@ import pytest
 
 from data.reader import SequenceReader
 from data.sample import SampleParams, ensure_sample_data
+from tests.util import tiny_leave_one_out
 from trainer.checkpoint import MARKER
 from trainer.config import ConfigError, load_config
 from trainer.evaluate import resolve_checkpoint
@@ -25,12 +26,8 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(sample_dir: Path, out: Path, *overrides: str):  # noqa: ANN202
     leave_one_out = [
-        f"--data.data_paths={sample_dir}", f"--train.output_dir={out}", "--data.holdout_positions=2",
-        "--model.target_features=[\"item_id\"]", "--model.num_layers=1", "--model.hidden_size=32",
-        "--model.nhead=1", "--model.dim_feedforward=32", "--train.progress_bar=false", "--train.train_steps=0",
-        "--train.train_epochs=1",
-        "--train.log_steps=1000", "--eval.candidates=data",
-    ]  # fmt: skip
+        *tiny_leave_one_out(sample_dir, out), "--train.train_steps=0", "--train.train_epochs=1", "--train.log_steps=1000",
+    ]
     return load_config(ROOT / "configs" / "default.toml", [*leave_one_out, *overrides])
 
 

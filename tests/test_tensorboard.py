@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from data.sample import SampleParams, ensure_sample_data
+from tests.util import tiny_leave_one_out
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +26,8 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(sample_dir: Path, out: Path, *overrides: str):  # noqa: ANN202
     small = [
-        f"--data.data_paths={sample_dir}", f"--train.output_dir={out}", "--data.holdout_positions=2",
-        "--model.target_features=[\"item_id\"]", "--model.num_layers=1", "--model.hidden_size=32",
-        "--model.nhead=1", "--model.dim_feedforward=32", "--train.progress_bar=false", "--train.train_epochs=0",
-        "--train.log_steps=2", "--train.eval_steps=4", "--train.save_steps=4", "--eval.candidates=data",
+        *tiny_leave_one_out(sample_dir, out), "--train.train_epochs=0", "--train.log_steps=2",
+        "--train.eval_steps=4", "--train.save_steps=4",
         f"--optim.dense_lr={DENSE_LR}", f"--optim.sparse_lr={SPARSE_LR}", f"--optim.warmup_steps={WARMUP}",
     ]  # fmt: skip
     return load_config(ROOT / "configs" / "default.toml", [*small, *overrides])

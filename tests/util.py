@@ -42,6 +42,16 @@ VENV_BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
+def tiny_leave_one_out(data: Path, output_dir: Path) -> list[str]:
+    """Overrides of ``configs/default.toml`` for an in-process run that trains and evaluates in seconds: a
+    one-layer, 32-wide model on ``data`` with leave-one-out targets, writing to ``output_dir``."""
+    return [
+        f"--data.data_paths={data}", f"--train.output_dir={output_dir}", "--data.holdout_positions=2",
+        "--model.target_features=[\"item_id\"]", "--model.num_layers=1", "--model.hidden_size=32",
+        "--model.nhead=1", "--model.dim_feedforward=32", "--train.progress_bar=false", "--eval.candidates=data",
+    ]  # fmt: skip
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago.
 

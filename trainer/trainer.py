@@ -239,9 +239,9 @@ class Trainer:
         totals = torch.tensor([n for pair in stats.values() for n in pair], dtype=torch.long)
         dist.all_reduce(totals, group=self.ctx.control_group)
         if self.ctx.is_main:
-            parts = [f"{t} {totals[2 * i]:,} admitted, {totals[2 * i + 1]:,} evicted" for i, t in enumerate(stats)]
-            logger.info("managed collisions (all ranks): %s", "; ".join(parts))
             pairs = {t: (int(totals[2 * i]), int(totals[2 * i + 1])) for i, t in enumerate(stats)}
+            parts = [f"{t} {admitted:,} admitted, {evicted:,} evicted" for t, (admitted, evicted) in pairs.items()]
+            logger.info("managed collisions (all ranks): %s", "; ".join(parts))
             self.tensorboard.managed_collisions(self.step, pairs)
 
     # ---------------------------------------------------------------------------------------- the loop
