@@ -3,7 +3,10 @@
 # Run `./launch.sh help` for the subcommands.
 set -euo pipefail
 
-# Work from the repo root whatever the caller's cwd: configs, data and the component path are relative to it.
+# Work from the repo root whatever the caller's cwd: the paths inside configs and overrides (data, output_dir)
+# and the component path are relative to it. The files named on the command line (CONFIG, --checkpoint,
+# --out) are the caller's and are made absolute first (from_caller).
+CALLER_CWD=$PWD
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
 ROOT=$PWD
 
@@ -28,8 +31,9 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
 
   ./launch.sh [CONFIG.toml] [--section.key=value ...]
         Train (the default). CONFIG defaults to configs/default.toml; overrides pass through to
-        trainer.main. Makes the built-in sample data first, then runs the trainer under torchrun
-        through torchx (local_cwd scheduler): one rank per GPU, or 2 ranks on CPU.
+        trainer.main. Checks the config and the data and output paths first (exit 2 listing every
+        fault), makes the built-in sample data if the config reads it, then runs the trainer under
+        torchrun through torchx (local_cwd scheduler): one rank per GPU, or 2 ranks on CPU.
   ./launch.sh train [CONFIG.toml] [overrides...]
         Same as above.
   ./launch.sh test [PYTEST ARGS...]
@@ -37,10 +41,11 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
   ./launch.sh plan CONFIG.toml --world-size N --hbm-gb G [--local-world-size M] [--ddr-gb D]
                    [--batch-size B] [--json] [overrides...]
         Dry run of the embedding sharding plan for N GPUs (no GPU needed); exits 1 if it does not fit.
-  ./launch.sh eval [CONFIG.toml] --checkpoint outputs/RUN[/step_N] [--eval.key=value ...]
-        Leave-one-out evaluation of a checkpoint, or of a run folder's best one (test split; --eval.split=valid for validation,
-        --eval.protocol=sampled for the SASRec paper's 100-negative protocol). Prints the metrics and
-        writes them to CHECKPOINT/eval_<split>_<protocol>.json.
+  ./launch.sh eval [CONFIG.toml] --checkpoint outputs/RUN[/step_N] [--out FILE] [--eval.key=value ...]
+        Leave-one-out evaluation of a checkpoint, or of a run folder's best one (test split; --eval.split=valid
+        for validation, --eval.protocol=sampled for the SASRec paper's 100-negative protocol), with the
+        config it was trained with unless CONFIG is given. Prints the metrics (one JSON line naming the
+        split and protocol) and writes them to CHECKPOINT/eval_<split>_<protocol>.json.
   ./launch.sh export --checkpoint outputs/RUN/step_N --out DIR [--format parquet|npy]
         Write a checkpoint's embedding tables and dense model for serving, without the distributed runtime.
   ./launch.sh setup
@@ -49,6 +54,9 @@ Usage: ./launch.sh [SUBCOMMAND | CONFIG.toml] [ARGS...]
         This text.
   ./launch.sh --use-current-env SUBCOMMAND ...
         Any of the above in the current Python environment (same as SEQREC_ENV=current).
+
+Files named on the command line (CONFIG, --checkpoint, --out) are taken from your current folder;
+paths inside configs and overrides are relative to the repository root, where the job runs.
 
 The environment (.venv, or $SEQREC_VENV) is created on first use from the pins in setup.cfg and
 reused while those pins, the flavour and the Python version are unchanged. With SEQREC_ENV=current
@@ -66,6 +74,17 @@ Environment variables:
   SEQREC_NPROC           ranks per node (default: number of GPUs on cuda, 2 on cpu)
   SEQREC_TORCH_INDEX_URL extra pip index for torch (e.g. https://download.pytorch.org/whl/cpu)
 EOF
+}
+
+# A path typed by the caller, relative to the folder they ran launch.sh in, as an absolute path; paths that
+# exist only relative to the repo root (`configs/x.toml` from a subfolder) are kept as they are.
+from_caller() {
+    local path=$1
+    if [[ -z $path || $path == /* || $CALLER_CWD == "$ROOT" || ! -e $CALLER_CWD/$path && -e $path ]]; then
+        printf '%s\n' "$path"
+    else
+        printf '%s\n' "$CALLER_CWD/$path"
+    fi
 }
 
 log() { printf 'launch.sh: %s\n' "$*" >&2; }
@@ -278,22 +297,19 @@ ensure_env() {
     export PATH=$VENV/bin:$PATH
 }
 
-ensure_sample_data() {
-    "$VENV_PY" -m data.sample --out "$SAMPLE_DATA"
-}
-
 run_train() {
     local config=$DEFAULT_CONFIG
     if [[ $# -gt 0 && $1 == *.toml ]]; then
-        config=$1
+        config=$(from_caller "$1")
         shift
     fi
     [[ -f $config ]] || die "config not found: $config"
     ensure_env 0
-    # Check the config and overrides here, in a second and without torch: a typo then fails before
-    # torchx and torchrun start, with the trainer's message naming the key.
-    "$VENV_PY" -m trainer.main --config "$config" --check-config "$@" >/dev/null || exit 2
-    ensure_sample_data
+    # Check the config, the overrides and what the job reads and writes here, in a second and without torch:
+    # a typo or a missing data folder then fails before torchx and torchrun start, naming the key and path.
+    # The built-in sample data is made first, and only if the config reads it.
+    "$VENV_PY" -m trainer.main --config "$config" --check-config --sample-data "$SAMPLE_DATA" "$@" >/dev/null \
+        || exit 2
 
     local -a overrides=()
     # torchx hands everything after `--` to the component's *script_args (the trainer's overrides).
@@ -322,13 +338,16 @@ torchx_local() {
 }
 
 run_eval() {
-    local config=$DEFAULT_CONFIG checkpoint=""
+    caller_args "$@"
+    set -- "${ARGS[@]}"
+    # No CONFIG: the checkpoint's own config.toml, the one it was trained with.
+    local checkpoint=""
+    local -a config=() overrides=()
     if [[ $# -gt 0 && $1 == *.toml ]]; then
-        config=$1
+        [[ -f $1 ]] || die "config not found: $1"
+        config=(--config "$1")
         shift
     fi
-    [[ -f $config ]] || die "config not found: $config"
-    local -a overrides=()
     while (($# > 0)); do
         case $1 in
             --checkpoint) checkpoint=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
@@ -336,25 +355,41 @@ run_eval() {
             *) overrides+=("$1"); shift ;;
         esac
     done
-    [[ -n $checkpoint ]] || die "eval needs --checkpoint PATH (a checkpoint folder, e.g. outputs/RUN/step_N)"
+    [[ -n $checkpoint ]] || die "eval needs --checkpoint PATH (a checkpoint folder, e.g. outputs/RUN/step_N, or a run's folder)"
     [[ -d $checkpoint ]] || die "checkpoint not found: $checkpoint"
     ensure_env 0
-    "$VENV_PY" -m trainer.main --config "$config" --check-config "${overrides[@]}" >/dev/null || exit 2
+    # The config, the checkpoint and the data, checked before any rank starts (exit 2 names what is wrong).
+    "$VENV_PY" -m trainer.evaluate "${config[@]}" --checkpoint "$checkpoint" --check-config "${overrides[@]}" || exit 2
     local -a rest=()
     if ((${#overrides[@]} > 0)); then rest=(-- "${overrides[@]}"); fi
-    torchx_local evaluate --config "$config" --checkpoint "$checkpoint" "${rest[@]}"
+    torchx_local evaluate "${config[@]}" --checkpoint "$checkpoint" "${rest[@]}"
+}
+
+# Sets ARGS to "$@" with the caller's file arguments (a leading CONFIG.toml, --checkpoint, --out) made absolute.
+caller_args() {
+    ARGS=()
+    if [[ $# -gt 0 && $1 == *.toml ]]; then ARGS+=("$(from_caller "$1")"); shift; fi
+    while (($# > 0)); do
+        case $1 in
+            --checkpoint | --out) ARGS+=("$1" "$(from_caller "${2:-}")"); shift $(($# > 1 ? 2 : 1)) ;;
+            --checkpoint=* | --out=*) ARGS+=("${1%%=*}=$(from_caller "${1#*=}")"); shift ;;
+            *) ARGS+=("$1"); shift ;;
+        esac
+    done
 }
 
 run_plan() {
     # Dry run of the embedding sharding for a GPU cluster; needs no GPU (see trainer/plan.py).
     ensure_env 0
-    exec "$VENV_PY" -m trainer.plan "$@"
+    caller_args "$@"
+    exec "$VENV_PY" -m trainer.plan "${ARGS[@]}"
 }
 
 run_export() {
     # Checkpoint -> embedding tables (Parquet/.npy) + dense state dict, for serving (see trainer/export.py).
     ensure_env 0
-    exec "$VENV_PY" -m trainer.export "$@"
+    caller_args "$@"
+    exec "$VENV_PY" -m trainer.export "${ARGS[@]}"
 }
 
 run_tests() {

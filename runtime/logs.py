@@ -12,12 +12,14 @@ OUR_PACKAGES = ("trainer", "data", "model", "runtime")
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
+    # A process outside torchrun (the launcher's pre-flight check, a one-process evaluation) is no rank.
+    rank = os.environ.get("RANK")
+    where = f"rank{rank}" if rank is not None else "main"
     # WARNING at the root: fbgemm logs every table's arguments at INFO through the root logger, and
     # TorchRec its planner tables on every rank. Our own packages log at INFO.
     logging.basicConfig(
         level=logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s [{where}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,  # replace any handler an imported library installed first
@@ -27,3 +29,6 @@ def setup_logging() -> None:
     # Notes meant for TorchRec's own developers (deprecations inside TorchRec, fx tracing internals).
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
+    # torch.distributed.checkpoint's note on every load of TorchRec's sharded tables (ShardedTensor is what
+    # TorchRec's state dicts hold; nothing for a user to change).
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)

@@ -48,6 +48,9 @@ def test_evaluate_appdef_runs_the_evaluator_on_the_checkpoint() -> None:
                           "--eval.protocol=sampled"]
     with pytest.raises(ValueError, match="--checkpoint"):
         evaluate(config="configs/x.toml")
+    # No config: trainer.evaluate then reads the checkpoint's own config.toml.
+    words = shlex.split(_command(evaluate(checkpoint="outputs/r")))
+    assert words[-4:] == ["-m", "trainer.evaluate", "--checkpoint", "outputs/r"]
 
 
 def test_omp_threads_never_zero_and_env_overrides_win() -> None:

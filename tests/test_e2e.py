@@ -146,3 +146,11 @@ def test_periodic_evaluation_marks_the_best_checkpoint_and_the_cli_agrees(sample
     cli = json.loads((tmp_path / "valid.json").read_text())
     assert cli["metrics"] == best_eval["metrics"]
     assert cli["num_users"] == best_eval["num_users"] > 0
+
+    # The run folder alone: its best checkpoint, evaluated with the config saved in it (no --config, no
+    # overrides but the split); stdout's line names the split and protocol.
+    proc, _ = _run(python_module("trainer.evaluate", "--checkpoint", str(out), "--eval.split=valid"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"config: {checkpoint / 'config.toml'} (the checkpoint's own" in proc.stderr
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert printed == {"split": "valid", "protocol": "full", **best_eval["metrics"]}

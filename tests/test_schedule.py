@@ -14,7 +14,7 @@ from data.sample import SampleParams, ensure_sample_data
 from tests.util import tiny_leave_one_out
 from trainer.checkpoint import MARKER
 from trainer.config import ConfigError, load_config
-from trainer.evaluate import resolve_checkpoint
+from trainer.run_folder import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

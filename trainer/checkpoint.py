@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,13 +33,12 @@ import torch.distributed.checkpoint as dcp
 
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext
+from trainer.run_folder import MARKER, complete_checkpoints
 
 logger = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
 # Key of the managed-collision state in rank_<r>.pt (absent in checkpoints written before it was saved).
 MC_STATE = "managed_collisions"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -100,18 +98,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete ``step_<N>`` folders of a run's output folder, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in output_dir.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()
-    ]
-    return [p for _, p in sorted(found)]
 
 
 class CheckpointManager:

@@ -94,7 +94,8 @@ def torchrun_command(
     if rdzv_backend == "static":
         # The static backend cannot discover ranks, so each node is told its own.
         command += ["--node_rank", macros.replica_id]
-    return command + ["-m", module, "--config", config, *script_args]
+    # No config: the module's own default (trainer.evaluate's is the checkpoint's config.toml).
+    return command + ["-m", module, *(["--config", config] if config else []), *script_args]
 
 
 def _worker_env(env: Optional[Dict[str, str]], cpu: int, nproc_per_node: int) -> Dict[str, str]:
@@ -155,7 +156,7 @@ def train(
 
 def evaluate(
     *script_args: str,
-    config: str = "configs/default.toml",
+    config: str = "",
     checkpoint: str = "",
     nnodes: int = 1,
     nproc_per_node: int = 2,
@@ -174,8 +175,9 @@ def evaluate(
 
     Args:
         script_args: config overrides for trainer.evaluate, after ``--`` (e.g. ``-- --eval.protocol=sampled``)
-        config: TOML config the checkpoint was trained with, relative to the job's working directory
-        checkpoint: checkpoint folder (output_dir/step_N)
+        config: TOML config, relative to the job's working directory (default: the checkpoint's own config.toml,
+            the one it was trained with)
+        checkpoint: checkpoint folder (output_dir/step_N), or a run's output_dir (its best checkpoint)
         nnodes: number of nodes
         nproc_per_node: ranks per node (number of GPUs on a GPU node)
         cpu: CPUs per node; also sets OMP_NUM_THREADS = cpu // nproc_per_node (at least 1)

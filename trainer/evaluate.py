@@ -1,6 +1,8 @@
-"""``python -m trainer.evaluate --config CONFIG --checkpoint PATH [--eval.split=test ...]``: leave-one-out
+"""``python -m trainer.evaluate --checkpoint PATH [--config CONFIG] [--eval.split=test ...]``: leave-one-out
 metrics of a checkpoint (``trainer/evaluator.py``), one process or one per rank (usually through
-``./launch.sh eval CONFIG --checkpoint PATH``, torchx). Exit codes: 0 done, 2 bad config, 1 anything else.
+``./launch.sh eval [CONFIG] --checkpoint PATH``, torchx). Without ``--config`` the checkpoint is evaluated with
+the config it was trained with (its ``config.toml``). Exit codes: 0 done, 2 bad config or input, 1 anything
+else.
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.logs import setup_logging
-from trainer.build import build_train_module
-from trainer.checkpoint import MARKER, CheckpointManager, complete_checkpoints
 from trainer.config import ConfigError, JobConfig, load_config, require_ranking
-from trainer.dist import destroy_distributed, init_distributed
-from trainer.evaluator import EvalResult, Evaluator
-from trainer.sharding import shard_model
+from trainer.run_folder import checkpoint_config, resolve_checkpoint
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from trainer.evaluator import EvalResult
 
+# Named, not __name__: run as `python -m trainer.evaluate` it would be "__main__", outside our INFO loggers.
+logger = logging.getLogger("trainer.evaluate")
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
@@ -31,12 +33,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             "--section.key=value arguments override the config, e.g. --eval.protocol=sampled."
         ),
     )
-    parser.add_argument("--config", required=True, help="TOML config the checkpoint was trained with")
+    parser.add_argument(
+        "--config", help="TOML config (default: the one the checkpoint was trained with, CHECKPOINT/config.toml)"
+    )
     parser.add_argument(
         "--checkpoint", required=True, help="checkpoint folder (output_dir/step_N), or a run's output_dir: its best checkpoint"
     )
     parser.add_argument(
         "--out", help="write the metrics as JSON here (default: CHECKPOINT/eval_<split>_<protocol>.json)"
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the config, the checkpoint and the data, without evaluating: exit 0 ready, 2 not",
     )
     return parser.parse_known_args(argv)
 
@@ -46,53 +55,82 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     is_rank0 = os.environ.get("RANK", "0") == "0"
     try:
+        checkpoint, config = _checkpoint_and_config(args, quiet=args.check_config or not is_rank0)
         # The test split unless the command line says otherwise (later overrides win).
-        cfg = load_config(args.config, ["--eval.split=test", *overrides])
-        require_ranking(cfg, "evaluation")
-    except ConfigError as e:
+        cfg = load_config(config, ["--eval.split=test", *overrides])
+    except (ConfigError, FileNotFoundError) as e:
+        # Every rank sees the same files; one message is enough.
         if is_rank0:
             logger.error("bad config: %s", e)
         return 2
+    if args.check_config:
+        return _check(cfg, config, checkpoint, args.out)
     try:
-        checkpoint = resolve_checkpoint(Path(args.checkpoint))
+        require_ranking(cfg, "evaluation")
+    except ConfigError as e:
+        if is_rank0:
+            logger.error("bad config: %s: %s", config, e)
+        return 2
+    if is_rank0:
+        _warn_if_trained_on_targets(cfg)
+    try:
         result = _evaluate_checkpoint(cfg, checkpoint)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return 1
     if is_rank0:
-        out = Path(args.out) if args.out else checkpoint / f"eval_{cfg.eval.split}_{cfg.eval.protocol}.json"
-        out.write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        print(json.dumps(result.metrics))
-        logger.info("wrote %s", out)
+        _report(result, Path(args.out) if args.out else checkpoint / f"eval_{cfg.eval.split}_{cfg.eval.protocol}.json")
     return 0
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint folder as given, or for a run's output folder its best checkpoint (``best.json``, written
-    by validation during training), else its latest complete one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--checkpoint: folder {path} does not exist")
-    if (path / MARKER).is_file():
-        return path
-    best = path / "best.json"
-    if best.is_file():
-        record = json.loads(best.read_text())
-        if record.get("checkpoint"):
-            chosen = Path(record["checkpoint"])
-            logger.info("%s: the best checkpoint by %s (%.4f at step %s): %s", path, record.get("metric"),
-                        record.get("value", float("nan")), record.get("step"), chosen)  # fmt: skip
-            return chosen
-    done = complete_checkpoints(path)
-    if not done:
-        raise FileNotFoundError(f"--checkpoint: {path} is neither a checkpoint nor a run folder holding one")
-    logger.info("%s: no best checkpoint marked; evaluating the latest, %s", path, done[-1])
-    return done[-1]
+def _checkpoint_and_config(args: argparse.Namespace, quiet: bool) -> tuple[Path, Path]:
+    """The step folder to evaluate (a run folder's best or latest) and the config: ``--config``, else the one
+    saved in the checkpoint."""
+    checkpoint = resolve_checkpoint(args.checkpoint, quiet=quiet)
+    if args.config:
+        return checkpoint, Path(args.config)
+    config = checkpoint_config(checkpoint)
+    if not quiet:
+        logger.info("config: %s (the checkpoint's own; --config to use another)", config)
+    return checkpoint, config
+
+
+def _check(cfg: JobConfig, config: Path, checkpoint: Path, out: str | None) -> int:
+    from trainer.preflight import check_evaluation
+
+    faults = check_evaluation(cfg, checkpoint, Path(out) if out else None)
+    if faults:
+        logger.error("cannot evaluate: %s", ConfigError(faults, config))
+        return 2
+    return 0
+
+
+def _warn_if_trained_on_targets(cfg: JobConfig) -> None:
+    # Leave-one-out targets are the last two items of each user: a run that kept them (holdout_positions < 2)
+    # has trained on what it is now scored on, so the numbers measure memorisation, not recommendation.
+    if cfg.data.holdout_positions < 2 and not cfg.eval.data_paths:
+        logger.warning(
+            "data.holdout_positions = %d: this model was trained on the %s targets it is scored on, so the metrics "
+            "overstate its quality; train with data.holdout_positions = 2 (leave-one-out) for honest numbers",
+            cfg.data.holdout_positions, cfg.eval.split,
+        )  # fmt: skip
+
+
+def _report(result: EvalResult, out: Path) -> None:
+    out.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    # One JSON line on stdout for scripts; like every printout it names the split and the protocol.
+    print(json.dumps({"split": result.split, "protocol": result.protocol, **result.metrics}))
+    logger.info("wrote %s", out)
 
 
 def _evaluate_checkpoint(cfg: JobConfig, checkpoint: Path) -> EvalResult:
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint: folder {checkpoint} does not exist")
+    # Imported here: torch and torchrec take seconds to import, and the checks above should not wait for them.
+    from trainer.build import build_train_module
+    from trainer.checkpoint import CheckpointManager
+    from trainer.dist import destroy_distributed, init_distributed
+    from trainer.evaluator import Evaluator
+    from trainer.sharding import shard_model
+
     ctx = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
     try:
         dmp = shard_model(build_train_module(cfg), cfg, ctx)

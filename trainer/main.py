@@ -7,9 +7,11 @@ dependencies, 1 anything else. A failing rank exits non-zero at once, so torchru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 
 from runtime.logs import setup_logging
 from trainer.config import ConfigError, JobConfig, dump_config, load_config
@@ -24,7 +26,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--config", default="configs/default.toml", help="TOML config file")
     parser.add_argument(
-        "--check-config", action="store_true", help="load and validate the config, print it resolved, and exit"
+        "--check-config",
+        action="store_true",
+        help="validate the config and what the job needs on disk (data files, output folder), print the resolved "
+        "config, and exit: 0 ready, 2 not",
+    )
+    parser.add_argument(
+        "--sample-data",
+        metavar="DIR",
+        help="make the built-in sample data in DIR first if the config reads it (./launch.sh passes its cache)",
     )
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume-from", metavar="PATH", help="continue from this checkpoint folder")
@@ -51,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0:
             logger.error("bad config: %s", e)
         return 2
+    if args.sample_data:
+        try:
+            _make_sample_data_if_read(cfg, Path(args.sample_data))
+        except OSError as e:
+            logger.error("cannot make the sample data in %s: %s", args.sample_data, e)
+            return 1
     if args.check_config:
-        print(dump_config(cfg), end="")
-        return 0
+        return _check(cfg, args.config)
 
     from trainer.deps import DependencyError, check_dependencies
 
@@ -64,6 +79,30 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s", e)
         return 3
     return _run(cfg)
+
+
+def _check(cfg: JobConfig, source: str) -> int:
+    from trainer.preflight import check_training
+
+    faults = check_training(cfg)
+    if faults:
+        logger.error("cannot start: %s", ConfigError(faults, source))
+        return 2
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def _make_sample_data_if_read(cfg: JobConfig, folder: Path) -> None:
+    """Only a run that reads the sample data makes it: training on other data neither waits for it nor
+    announces it."""
+    wanted = folder.resolve()
+    paths = cfg.data.paths()
+    if cfg.eval.data_paths:
+        paths += dataclasses.replace(cfg.data, data_paths=cfg.eval.data_paths).paths()
+    if any(Path(p).resolve() == wanted for p in paths if "://" not in p):
+        from data.sample import ensure_sample_data
+
+        ensure_sample_data(folder)
 
 
 def _run(cfg: JobConfig) -> int:
