@@ -331,10 +331,26 @@ torchx_local() {
     while (($# > 0)) && [[ $1 != -- ]]; do opts+=("$1"); shift; done
     rest=("$@")
     # For local schedulers `torchx run` waits, streams every rank's output to stderr and exits 1 when the
-    # job fails, so exec keeps both the logs and the exit status. log_dir keeps the per-rank logs.
-    exec "${TORCHX[@]}" run -s local_cwd -cfg "log_dir=$ROOT/outputs/torchx_logs" \
-        "trainer/component.py:$component" "${opts[@]}" \
-        --nproc_per_node "$ranks" --cpu "$cpus" --gpu "$gpus" "${rest[@]}"
+    # job fails. log_dir keeps the per-rank logs.
+    local log_dir=$ROOT/outputs/torchx_logs
+    local -a status
+    # Only torchx's stderr goes through runtime.joblog (stdout, e.g. evaluate's metrics JSON, stays as it is):
+    # it passes the ranks' lines on live and ends a failed job with the failing rank's message and log path
+    # instead of torchrun's ChildFailedError traceback and torchx's AppStatus. No `exec` any more, so the
+    # exit status is torchx's, from PIPESTATUS; set -e must not end the script before it is read. Ctrl-C
+    # reaches torchx directly (same process group) and it stops the ranks; the filter ignores SIGINT and shows
+    # that to the end. bash waits for both, and as the filter did not die of SIGINT it carries on to exit
+    # with torchx's status (130 if torchx itself died of the signal).
+    set +e
+    {
+        "${TORCHX[@]}" run -s local_cwd -cfg "log_dir=$log_dir" \
+            "trainer/component.py:$component" "${opts[@]}" \
+            --nproc_per_node "$ranks" --cpu "$cpus" --gpu "$gpus" "${rest[@]}" 2>&1 1>&3 3>&- \
+            | "$VENV_PY" -m runtime.joblog --log-dir "$log_dir" 3>&-
+        status=("${PIPESTATUS[@]}")
+    } 3>&1
+    set -e
+    exit "${status[0]}"
 }
 
 run_eval() {
