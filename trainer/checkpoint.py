@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.config import JobConfig, dump_config
-from trainer.dist import DistContext
+from trainer.dist import DistContext, OutputDirError, agree, naming_output_dir, on_every_rank, os_reason
 from trainer.run_folder import MARKER, complete_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,26 @@ MC_STATE = "managed_collisions"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or does not fit this run; the message says which and why."""
+    """A checkpoint that cannot be read or written, or does not fit this run; the message says which and why.
+    (A write that fails on an OSError, e.g. a full disk, is an OutputDirError, naming train.output_dir.)"""
+
+
+def first_failure(error: BaseException, rank: int = 0) -> tuple[int, BaseException]:
+    """The rank that failed and its error: for DCP's CheckpointException (every rank's failures, with their
+    tracebacks, in its text) the first failed rank and its exception, else ``rank`` and ``error``."""
+    if isinstance(error, CheckpointException) and error.failures:
+        failed = min(error.failures)
+        failure = error.failures[failed]
+        return failed, failure[0] if isinstance(failure, tuple) else failure
+    return rank, error
+
+
+def describe(error: BaseException, path: Path | None = None) -> str:
+    """One line on ``error``: an OSError's reason and file (unless it is ``path``), else its type and message."""
+    _, error = first_failure(error)
+    if isinstance(error, OSError):
+        return os_reason(error, path)
+    return f"{type(error).__name__}: {error}"
 
 
 @dataclass
@@ -52,6 +71,8 @@ class Restored:
     meta: dict[str, Any]
     # None when the checkpoint was written by another number of ranks: per-rank state does not map.
     rank_state: dict[str, Any] | None
+    # The config key that chose the checkpoint, as error messages start ("train.resume_from = PATH: "), or "".
+    source: str = ""
 
 
 def signature(cfg: JobConfig) -> dict[str, Any]:
@@ -162,59 +183,104 @@ class CheckpointManager:
         return final
 
     def _collectively(self, what: str, path: Path, phase: Callable[[], None]) -> None:
-        """Run one phase on every rank; if it fails anywhere, every rank raises (none is left waiting)."""
+        """Run one phase on every rank; if it fails anywhere, every rank raises the failed rank's error (none
+        is left waiting): an OutputDirError for an OSError (a full disk, a file in the way), else a
+        CheckpointError. One all-reduce of one integer per phase when all is well."""
         error: Exception | None = None
         try:
             phase()
-        except Exception as e:  # noqa: BLE001 - any I/O failure: report it, keep the older checkpoints
-            error = e
-        ok = torch.tensor([0 if error else 1])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.ctx.control_group)
-        if error is not None:
-            raise CheckpointError(
-                f"writing checkpoint {path} failed ({what}): {type(error).__name__}: {error}; "
-                "earlier checkpoints are untouched"
-            ) from error
-        if ok.item() == 0:
-            raise CheckpointError(f"writing checkpoint {path} failed ({what}) on another rank")
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure: report it, keep older ones
+            # A failure inside dcp.save reaches every rank already, through DCP's own collectives.
+            failed_rank, cause = first_failure(e, self.ctx.rank)
+            on_rank = f" on rank {failed_rank}" if self.ctx.world_size > 1 and what == "write" else ""
+            message = (
+                f"train.output_dir = {self.output_dir}: writing checkpoint {path} failed ({what}{on_rank}): "
+                f"{describe(cause)}; earlier checkpoints are untouched"
+            )
+            error = OutputDirError(message) if isinstance(cause, OSError) else CheckpointError(message)
+            error.__cause__ = cause
+        agree(self.ctx, error)
 
     def _prune(self) -> None:
+        """Remove the oldest checkpoints past max_to_keep (rank 0). A failure only warns: the new checkpoint
+        is complete, and the other ranks have already gone on."""
         if self.max_to_keep <= 0:
             return
-        for old in self.complete_checkpoints()[: -self.max_to_keep]:
+        try:
+            done = self.complete_checkpoints()
+        except OSError as e:
+            logger.warning("train.output_dir = %s: cannot list old checkpoints to prune (%s)", self.output_dir,
+                           os_reason(e))  # fmt: skip
+            return
+        for old in done[: -self.max_to_keep]:
             if self.keep is not None and old.resolve() == self.keep.resolve():
                 continue  # the best checkpoint stays, on top of the max_to_keep newest
-            # The marker goes first: a prune cut short leaves an incomplete folder, never a broken "complete" one.
-            (old / MARKER).unlink(missing_ok=True)
+            try:
+                # The marker goes first: a prune cut short leaves an incomplete folder, never a broken "complete"
+                # one.
+                (old / MARKER).unlink(missing_ok=True)
+            except OSError as e:
+                logger.warning("train.output_dir = %s: cannot remove old checkpoint %s (%s); it stays",
+                               self.output_dir, old, os_reason(e))  # fmt: skip
+                continue
             shutil.rmtree(old, ignore_errors=True)
             logger.info("removed old checkpoint %s (max_to_keep %d)", old, self.max_to_keep)
 
     # ------------------------------------------------------------------------------------------ loading
 
     @staticmethod
-    def read_meta(path: Path, cfg: JobConfig) -> dict[str, Any]:
-        """The checkpoint's metadata, after checking it is complete and fits ``cfg``."""
+    def read_meta(path: Path, cfg: JobConfig, source: str = "") -> dict[str, Any]:
+        """The checkpoint's metadata, after checking it is complete and fits ``cfg``. ``source``: what error
+        messages start with (``source_of``)."""
         if not (path / MARKER).is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-        meta = json.loads((path / "meta.json").read_text())
-        diffs = signature_differences(meta["signature"], signature(cfg))
+            raise CheckpointError(f"{source}{path} is not a complete checkpoint (no {MARKER} marker)")
+        file = path / "meta.json"
+        try:
+            meta = json.loads(file.read_text())
+            saved_signature = meta["signature"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{source}cannot read checkpoint metadata {file} ({describe(e, file)})") from e
+        diffs = signature_differences(saved_signature, signature(cfg))
         if diffs:
-            raise CheckpointError(f"checkpoint {path} does not fit this config: " + "; ".join(diffs))
+            raise CheckpointError(f"{source}checkpoint {path} does not fit this config: " + "; ".join(diffs))
         return meta
 
-    def load(self, path: Path, app_state: dict[str, Any], cfg: JobConfig) -> Restored:
-        """Load ``path`` into ``app_state`` in place (DCP reshards to this run's plan and world size)."""
-        meta = self.read_meta(path, cfg)
+    def source_of(self, key: str | None, path: Path) -> str:
+        """How errors about checkpoint ``path`` start: the config key that chose it and its value, e.g.
+        ``train.resume_from = PATH: ``, or nothing for ``None`` (a caller with no such key: the CLIs)."""
+        if key is None:
+            return ""
+        value = self.output_dir if key == "train.output_dir" else path
+        return f"{key} = {value}: "
+
+    def load(self, path: Path, app_state: dict[str, Any], cfg: JobConfig, key: str | None = None) -> Restored:
+        """Load ``path`` into ``app_state`` in place (DCP reshards to this run's plan and world size). ``key``:
+        the config key that chose ``path`` (``train.resume_from``, or ``train.output_dir`` for its latest
+        checkpoint), named by error messages. A file that a rank cannot read stops every rank."""
+        source = self.source_of(key, path)
+        meta = on_every_rank(self.ctx, lambda: self.read_meta(path, cfg, source))
         check_managed_collision_world(path, meta["world_size"], self.ctx.world_size, cfg)
         start = time.perf_counter()
-        dcp.load(app_state, checkpoint_id=str(path))
-        same_world = meta["world_size"] == self.ctx.world_size
+        try:
+            dcp.load(app_state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises on every rank alike
+            raise CheckpointError(f"{source}cannot read checkpoint {path} ({describe(e)})") from first_failure(e)[1]
         rank_state = None
-        if same_world:
-            rank_state = torch.load(path / f"rank_{self.ctx.rank}.pt", weights_only=False)
+        if meta["world_size"] == self.ctx.world_size:
+            rank_state = on_every_rank(self.ctx, lambda: read_rank_state(path, self.ctx.rank, source))
         if self.ctx.is_main:
             logger.info("loaded checkpoint %s (step %d) in %.2fs", path, meta["step"], time.perf_counter() - start)
-        return Restored(step=int(meta["step"]), path=path, meta=meta, rank_state=rank_state)
+        return Restored(step=int(meta["step"]), path=path, meta=meta, rank_state=rank_state, source=source)
+
+
+def read_rank_state(path: Path, rank: int, source: str = "") -> dict[str, Any]:
+    """``rank_<rank>.pt`` of checkpoint ``path``; CheckpointError naming the file if it cannot be read."""
+    file = path / f"rank_{rank}.pt"
+    try:
+        state: dict[str, Any] = torch.load(file, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - missing, unreadable, truncated: all say which file
+        raise CheckpointError(f"{source}cannot read checkpoint {file} ({describe(e, file)})") from e
+    return state
 
 
 def check_managed_collision_world(path: Path, saved_world: int, world: int, cfg: JobConfig) -> None:
@@ -255,7 +321,7 @@ def managed_collision_rank_state(restored: Restored, rank: int) -> dict[str, Any
     )
     merged: dict[str, dict[str, Any]] = {}
     for old_rank in range(int(restored.meta["world_size"])):
-        saved = torch.load(restored.path / f"rank_{old_rank}.pt", weights_only=False).get(MC_STATE) or {}
+        saved = read_rank_state(restored.path, old_rank, restored.source).get(MC_STATE) or {}
         for name, shard in saved.items():
             total = merged.setdefault(name, {"admitted_total": 0, "evicted_total": 0, "rounds_with_evictions": 0})
             total["admitted_total"] += shard["admitted_total"]
@@ -271,17 +337,24 @@ class BestCheckpoint:
     ``output_dir/best.json``, which survives restarts."""
 
     def __init__(self, output_dir: Path, metric: str) -> None:
+        self.output_dir = output_dir
         self.file = output_dir / "best.json"
         self.metric = metric
         self.value = -math.inf
         self.path: Path | None = None
         self.step: int | None = None
         if self.file.is_file():
-            saved = json.loads(self.file.read_text())
-            if saved.get("metric") == metric:
-                self.value = float(saved["value"])
-                self.path = Path(saved["checkpoint"]) if saved.get("checkpoint") else None
-                self.step = int(saved["step"]) if "step" in saved else None
+            try:
+                saved = json.loads(self.file.read_text())
+                if saved.get("metric") == metric:
+                    self.value = float(saved["value"])
+                    self.path = Path(saved["checkpoint"]) if saved.get("checkpoint") else None
+                    self.step = int(saved["step"]) if "step" in saved else None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                reason = describe(e, self.file)
+                raise CheckpointError(
+                    f"train.output_dir = {output_dir}: cannot read {self.file} ({reason}); fix or remove it"
+                ) from e
 
     def improves(self, value: float) -> bool:
         return value > self.value
@@ -290,7 +363,8 @@ class BestCheckpoint:
         self.value, self.path, self.step = value, checkpoint, step
         record = {"metric": self.metric, "value": value, "step": step, "checkpoint": str(checkpoint or "")}
         tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(self.file)  # atomic: a reader never sees half a file
+        with naming_output_dir(self.output_dir, "write", self.file):
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(self.file)  # atomic: a reader never sees half a file
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (train.save_steps = 0)"
         logger.info("new best %s %.4f at step %d: %s", self.metric, value, step, where)

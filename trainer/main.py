@@ -108,14 +108,14 @@ def _make_sample_data_if_read(cfg: JobConfig, folder: Path) -> None:
 def _run(cfg: JobConfig) -> int:
     # Imported late: torchrec takes seconds to import, and config errors should not wait for it.
     from trainer.checkpoint import CheckpointError
-    from trainer.dist import destroy_distributed, init_distributed
+    from trainer.dist import OutputDirError, destroy_distributed, init_distributed
     from trainer.metrics import NonFiniteLossError
     from trainer.trainer import Trainer
 
     try:
         ctx = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         Trainer(cfg, ctx).train()
-    except (FileNotFoundError, ValueError, NonFiniteLossError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError, NonFiniteLossError, CheckpointError, OutputDirError) as e:
         # Bad input (data files, values, settings): the message names what to fix; no traceback needed.
         logger.error("%s: %s", type(e).__name__, e)
         return 1

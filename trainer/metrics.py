@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model.next_item import NextItemOutput
-from trainer.dist import DistContext
+from trainer.dist import DistContext, naming_output_dir, on_main
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,10 @@ class MetricLogger:
         self._sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
         self._window_start = time.perf_counter()
         self._run_start = self._window_start
-        self._jsonl: IO[str] | None = (output_dir / "metrics.jsonl").open("a") if ctx.is_main else None
+        # Rank 0 appends one line per log step; every rank learns whether it could open the file.
+        self._output_dir = output_dir
+        self._jsonl_path = output_dir / "metrics.jsonl"
+        self._jsonl: IO[str] | None = on_main(ctx, self._open_jsonl)
         bar_total = total_steps if expected_steps is None else expected_steps
         self._bar = ProgressBar(bar_total, start_step) if ctx.is_main and progress_bar else None
         self.history: list[LogRecord] = []
@@ -111,9 +114,9 @@ class MetricLogger:
         self.history.append(record)
         if self.ctx.is_main:
             logger.info(record.line(self.total_steps))
-            assert self._jsonl is not None
-            self._jsonl.write(json.dumps(asdict(record)) + "\n")
-            self._jsonl.flush()
+        # Written by rank 0 alone: all ranks agree it worked (one all-reduce of one integer per log line)
+        # before going on to the next step's collectives.
+        on_main(self.ctx, lambda: self._write_jsonl(record))
         self._sums.zero_()
         self._window_start = time.perf_counter()
         return record
@@ -134,11 +137,23 @@ class MetricLogger:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.ctx.control_group)
         return value.item() / 2**30
 
+    def _open_jsonl(self) -> IO[str]:
+        with naming_output_dir(self._output_dir, "write", self._jsonl_path):
+            return self._jsonl_path.open("a")
+
+    def _write_jsonl(self, record: LogRecord) -> None:
+        assert self._jsonl is not None
+        with naming_output_dir(self._output_dir, "write", self._jsonl_path):
+            self._jsonl.write(json.dumps(asdict(record)) + "\n")
+            self._jsonl.flush()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         if self._jsonl is not None:
-            self._jsonl.close()
+            jsonl, self._jsonl = self._jsonl, None
+            with naming_output_dir(self._output_dir, "write", self._jsonl_path):
+                jsonl.close()
 
 
 class ProgressBar:

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from trainer.config import profile_window
-from trainer.dist import DistContext
+from trainer.dist import DistContext, OutputDirError, agree, output_dir_error
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ class StepProfiler:
         """``next_step``: the number of the first step this run trains (1, or the checkpoint's step + 1)."""
         self._prof: profile | None = None
         self._spec, self._written = spec, False
+        self._ctx, self._output_dir = ctx, output_dir
+        # Set by the trace's write: whether it has happened (at the window's last step, the same one on every
+        # rank), and how it failed.
+        self._done, self._error = False, None
         window = profile_window(spec)
         if window is None:
             return
@@ -65,20 +69,41 @@ class StepProfiler:
             logger.info("profiling steps %d-%d on every rank into %s", first, stop - 1, self.path.parent)
 
     def _write(self, prof: profile) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(self.path))
+        """The profiler's ``on_trace_ready``: each rank writes its own trace. A failure is kept, not raised
+        inside the profiler, and raised by ``step`` (on every rank) or ``stop``."""
+        self._done = True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(self.path))
+        except OSError as e:
+            self._error = output_dir_error(self._output_dir, "write the profiler trace", self.path, e)
+            return
         self._written = True
         if self._is_main:
             logger.info("profiler trace written: %s (one rank{R}.pt.trace.json per rank)", self.path)
 
     def step(self) -> None:
-        if self._prof is not None:
-            self._prof.step()
+        if self._prof is None:
+            return
+        self._prof.step()
+        if self._done and self._ctx is not None:
+            # The window's last step, on every rank: all agree their traces were written (once per run).
+            ctx, self._ctx = self._ctx, None
+            agree(ctx, self._take_error())
+
+    def _take_error(self) -> OutputDirError | None:
+        error, self._error = self._error, None
+        return error
 
     def stop(self) -> None:
-        """End profiling; a window the run did not reach the end of is written as far as it got."""
+        """End profiling; a window the run did not reach the end of is written as far as it got. At the end of
+        the run and on each rank alone (no collective follows): a trace that could not be written raises
+        here, on that rank."""
         if self._prof is not None:
             prof, self._prof = self._prof, None
             prof.stop()
-            if self._is_main and not self._written:
+            if self._is_main and not self._written and not self._done:
                 logger.warning("train.profile_steps = %r: the run ended before the window; no trace", self._spec)
+        error = self._take_error()
+        if error is not None:
+            raise error

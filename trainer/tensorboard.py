@@ -17,7 +17,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchrec.optim.keyed import CombinedOptimizer
 
-from trainer.dist import DistContext
+from trainer.dist import DistContext, naming_output_dir, on_main, os_reason
 from trainer.evaluator import EvalResult
 from trainer.metrics import LogRecord
 
@@ -34,18 +34,33 @@ FLUSH_SECS = 10
 
 class TensorBoardLog:
     """Rank 0's scalar writer; before ``open``, on other ranks, with ``train.tensorboard = false`` or without
-    the tensorboard package, every method does nothing (all ranks call them alike)."""
+    the tensorboard package, every method does nothing (all ranks call them alike).
+
+    A folder that cannot be made stops the run at ``open`` (every rank, with an OutputDirError naming
+    train.output_dir). A write that fails later (the event file's writer thread reports it on the next
+    scalar) warns once and ends the scalars: training goes on, as without the package; metrics.jsonl, the
+    run's own record, fails the run if it cannot be written.
+    """
 
     def __init__(self, output_dir: Path, ctx: DistContext, enabled: bool) -> None:
+        self.output_dir = output_dir
         self.log_dir = output_dir / TENSORBOARD_DIR
+        self._ctx = ctx
+        self._configured = enabled  # the same on every rank: decides whether ``open`` agrees
         self._enabled = enabled and ctx.is_main
         self._writer: SummaryWriter | None = None
 
     def open(self, start_step: int) -> None:
         """Start writing (``Trainer.train``; callers that only drive ``train_step``, the benchmarks, never
-        open a writer). ``start_step``: the step the run starts from (a checkpoint's when resumed)."""
+        open a writer). ``start_step``: the step the run starts from (a checkpoint's when resumed). Every
+        rank calls it: all learn whether rank 0 could make its folder."""
+        if self._configured:
+            on_main(self._ctx, lambda: self._open(start_step))
+
+    def _open(self, start_step: int) -> None:
         if self._enabled and self._writer is None:
-            self._writer = open_writer(self.log_dir, start_step)
+            with naming_output_dir(self.output_dir, "create", self.log_dir):
+                self._writer = open_writer(self.log_dir, start_step)
 
     @property
     def active(self) -> bool:
@@ -84,13 +99,28 @@ class TensorBoardLog:
 
     def _scalars(self, step: int, values: dict[str, float]) -> None:
         assert self._writer is not None
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, value, global_step=step)
+        try:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, global_step=step)
+        except OSError as e:
+            logger.warning(
+                "train.output_dir = %s: cannot write TensorBoard scalars to %s (%s); no more scalars for this "
+                "run, training goes on", self.output_dir, self.log_dir, os_reason(e),
+            )  # fmt: skip
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError:
+                pass  # the same failure again
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as e:
+                logger.warning("train.output_dir = %s: cannot write TensorBoard scalars to %s (%s)",
+                               self.output_dir, self.log_dir, os_reason(e))  # fmt: skip
 
 
 def open_writer(log_dir: Path, start_step: int) -> SummaryWriter | None:

@@ -34,8 +34,8 @@ from trainer.checkpoint import (
 )
 from trainer.compile import compile_transformer
 from trainer.config import JobConfig, dump_config
-from trainer.dist import DistContext
-from trainer.evaluator import Evaluator, write_result
+from trainer.dist import DistContext, make_output_dir, naming_output_dir, on_every_rank, on_main
+from trainer.evaluator import EvalResult, Evaluator, write_result
 from trainer.feed import NegativeSampler, StepAlignedBatches
 from trainer.metrics import MetricLogger
 from trainer.optim import build_optimizer, build_scheduler, restore_schedule
@@ -89,7 +89,8 @@ class Trainer:
         self.step = 0
         self._restore()
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, ctx.device)
-        self.best = BestCheckpoint(self.output_dir, cfg.eval.best_metric)
+        # Read by every rank (each needs the best value so far): a file one rank cannot read stops them all.
+        self.best = on_every_rank(ctx, lambda: BestCheckpoint(self.output_dir, cfg.eval.best_metric))
         self.checkpoints.keep = self.best.path
         self.batches = StepAlignedBatches(self.reader, ctx, self._negative_sampler())
         t = cfg.train
@@ -128,39 +129,49 @@ class Trainer:
         return min(t.train_steps, epochs) if t.train_steps else epochs
 
     def _write_resolved_config(self) -> None:
-        if self.ctx.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.toml").write_text(dump_config(self.cfg))
-        # Other ranks may read from output_dir later; make sure it exists before anyone goes on.
-        dist.barrier(group=self.ctx.control_group)
+        """Rank 0 makes output_dir and writes config.toml into it. Other ranks may read from output_dir later,
+        so all wait for it; a folder that cannot be made stops every rank with the same message."""
+
+        def write() -> None:
+            make_output_dir(self.output_dir)
+            file = self.output_dir / "config.toml"
+            with naming_output_dir(self.output_dir, "write", file):
+                file.write_text(dump_config(self.cfg))
+
+        on_main(self.ctx, write)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
     def _app_state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def _resume_path(self) -> Path | None:
+    def _resume_path(self) -> tuple[Path, str] | None:
+        """The checkpoint to resume from and the config key that chose it."""
         cfg = self.cfg.train
         if cfg.resume_from:
             path = Path(cfg.resume_from)
             if not path.is_dir():
                 raise FileNotFoundError(f"train.resume_from: checkpoint folder {path} does not exist")
-            return path
-        return self.checkpoints.latest() if cfg.resume else None
+            return path, "train.resume_from"
+        latest = self.checkpoints.latest() if cfg.resume else None
+        return (latest, "train.output_dir") if latest is not None else None
 
     def _restore(self) -> None:
-        path = self._resume_path()
-        if path is None:
+        found = self._resume_path()
+        if found is None:
             return
+        path, key = found
         # Optimizer states are created lazily; they must exist to be loaded into in place.
         self.optimizer.init_state()
         state = self._app_state()
-        restored = self.checkpoints.load(path, state, self.cfg)
+        restored = self.checkpoints.load(path, state, self.cfg, key=key)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if any(f.managed_collision for f in self.cfg.data.features):
+            # Rank 0 alone reads every old rank's file when the world size changed: all ranks agree it could.
+            mc_state = on_every_rank(self.ctx, lambda: managed_collision_rank_state(restored, self.ctx.rank))
             # After the state dict: the mapping it loads decides the free slots the counters start from.
-            load_managed_collision_state(self.model, managed_collision_rank_state(restored, self.ctx.rank))
+            load_managed_collision_state(self.model, mc_state)
         self.step = restored.step
         # fbgemm's fused row-wise Adam counts its bias-correction steps itself and does not keep the counter
         # in its optimizer state: set it back, or the first steps after a resume would overshoot.
@@ -201,8 +212,7 @@ class Trainer:
         result = Evaluator(self.cfg, self.ctx, self.model).run()
         run.evaluated_at = self.step
         self.metrics.pause(result.seconds)
-        if self.ctx.is_main:
-            write_result(self.output_dir, self.step, result)
+        on_main(self.ctx, lambda: self._write_eval(result))
         self.tensorboard.evaluation(self.step, result)
         value = result.metrics[self.cfg.eval.best_metric]
         if not self.best.improves(value):
@@ -211,11 +221,15 @@ class Trainer:
         if (self.cfg.train.save_steps or self.cfg.train.save_best) and run.saved_at != self.step:
             self._save(run)
         checkpoint = self.checkpoints.output_dir / f"step_{self.step}" if run.saved_at == self.step else None
-        if self.ctx.is_main:
-            self.best.mark(self.step, value, checkpoint)
-        else:
+        on_main(self.ctx, lambda: self.best.mark(self.step, value, checkpoint))
+        if not self.ctx.is_main:
             self.best.value, self.best.step = value, self.step
         self.checkpoints.keep = self.best.path
+
+    def _write_eval(self, result: EvalResult) -> None:
+        """One line of eval.jsonl (rank 0)."""
+        with naming_output_dir(self.output_dir, "write", self.output_dir / "eval.jsonl"):
+            write_result(self.output_dir, self.step, result)
 
     def _check_patience(self, run: _Run) -> None:
         """Counted from the best's step (kept in best.json), so a resumed run stops where an uninterrupted
@@ -265,6 +279,7 @@ class Trainer:
         feed = self.batches.until(self._pause_step(run))
         self.tensorboard.open(self.step)
         profiler = StepProfiler(cfg.profile_steps, self.output_dir, self.ctx, next_step=self.step + 1)
+        finished = False
         try:
             while cfg.train_steps == 0 or self.step < cfg.train_steps:
                 try:
@@ -278,12 +293,29 @@ class Trainer:
                 if run.stop:
                     break
             self._finish(run)
+            finished = True
         finally:
-            profiler.stop()
-            self.metrics.close()
-            self.tensorboard.close()
+            self._close_outputs(profiler, finished)
         logger.info("finished after %d steps", self.step)
         return self.step
+
+    def _close_outputs(self, profiler: StepProfiler, finished: bool) -> None:
+        """Write out the profiler's trace (a window cut short), metrics.jsonl and TensorBoard's events.
+
+        Each rank alone, with no collective after: a failure here ends this rank only, once training is
+        over. It is raised after a finished run; while another error ends the run, that error is the one
+        reported, and these are logged as warnings.
+        """
+        errors: list[Exception] = []
+        for close in (profiler.stop, self.metrics.close, self.tensorboard.close):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - try the others, then report
+                errors.append(e)
+        for e in errors[1:] if finished else errors:
+            logger.warning("%s: %s", type(e).__name__, e)
+        if errors and finished:
+            raise errors[0]
 
     def _after_step(self, run: _Run) -> bool:
         """The periodic work after a step: log, checkpoint, evaluate. True when it evaluated (the feed, paused
