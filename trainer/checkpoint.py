@@ -242,7 +242,12 @@ class CheckpointManager:
             raise CheckpointError(f"{source}cannot read checkpoint metadata {file} ({describe(e, file)})") from e
         diffs = signature_differences(saved_signature, signature(cfg))
         if diffs:
-            raise CheckpointError(f"{source}checkpoint {path} does not fit this config: " + "; ".join(diffs))
+            # Resuming the latest checkpoint of train.output_dir is automatic: say how not to.
+            hint = "; to start a new run instead, pick another train.output_dir or pass --no-resume"
+            raise CheckpointError(
+                f"{source}checkpoint {path} does not fit this config: " + "; ".join(diffs)
+                + (hint if source.startswith("train.output_dir") else "")
+            )
         return meta
 
     def source_of(self, key: str | None, path: Path) -> str:
