@@ -59,17 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         # The test split unless the command line says otherwise (later overrides win).
         cfg = load_config(config, ["--eval.split=test", *overrides])
     except (ConfigError, FileNotFoundError) as e:
-        # Every rank sees the same files; one message is enough.
-        if is_rank0:
-            logger.error("bad config: %s", e)
+        # Logged by every rank: the first to exit makes torchrun stop the others, rank 0 perhaps before it
+        # has said why.
+        logger.error("bad config: %s", e)
         return 2
     if args.check_config:
         return _check(cfg, config, checkpoint, args.out)
     try:
         require_ranking(cfg, "evaluation")
     except ConfigError as e:
-        if is_rank0:
-            logger.error("bad config: %s: %s", config, e)
+        logger.error("bad config: %s: %s", config, e)
         return 2
     if is_rank0:
         _warn_if_trained_on_targets(cfg)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -53,13 +52,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    is_rank0 = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        # Every rank sees the same config; one message is enough.
-        if is_rank0:
-            logger.error("bad config: %s", e)
+        # Logged by every rank, not rank 0 alone: the first rank to exit makes torchrun stop the others,
+        # which can kill rank 0 before its message is out.
+        logger.error("bad config: %s", e)
         return 2
     if args.sample_data:
         try:
@@ -75,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_dependencies()
     except DependencyError as e:
-        if is_rank0:
-            logger.error("%s", e)
+        logger.error("%s", e)  # every rank, as above
         return 3
     return _run(cfg)
 
