@@ -155,6 +155,7 @@ def test_checkpoint_without_managed_collision_state_still_loads(
     done = _run(2, _args(sample_dir, out, "--train.train_steps=5", *MC_ARGS))
     assert done.returncode == 0, done.stdout[-3000:]
     assert "holds no managed-collision counters" in done.stdout and "at step 4" in done.stdout
+    assert done.stdout.count("holds no managed-collision counters") == 1  # rank 0 alone
 
 
 def test_managed_collision_checkpoint_on_fewer_ranks_only(

@@ -310,7 +310,7 @@ def managed_collision_rank_state(restored: Restored, rank: int) -> dict[str, Any
     """
     if restored.rank_state is not None:
         state = restored.rank_state.get(MC_STATE)
-        if state is None:
+        if state is None and rank == 0:  # every rank's file lacks it alike: one warning
             logger.warning(
                 "checkpoint %s holds no managed-collision counters or pending ids (written by an older version): the "
                 "id -> slot mapping is restored, counters restart at zero, admission rounds restart at this step",
