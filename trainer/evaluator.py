@@ -100,8 +100,7 @@ def eval_data_config(cfg: JobConfig) -> DataConfig:
     """
     e = cfg.eval
     return dataclasses.replace(
-        cfg.data,
-        data_paths=e.data_paths or cfg.data.data_paths,
+        cfg.eval_data(),
         batch_size=e.batch_size or cfg.data.batch_size,
         seq_len=cfg.data.seq_len + 1,
         truncate_side="left",

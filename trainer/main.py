@@ -7,7 +7,6 @@ dependencies, 1 anything else. A failing rank exits non-zero at once, so torchru
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -93,9 +92,7 @@ def _make_sample_data_if_read(cfg: JobConfig, folder: Path) -> None:
     """Only a run that reads the sample data makes it: training on other data neither waits for it nor
     announces it."""
     wanted = folder.resolve()
-    paths = cfg.data.paths()
-    if cfg.eval.data_paths:
-        paths += dataclasses.replace(cfg.data, data_paths=cfg.eval.data_paths).paths()
+    paths = cfg.data.paths() + cfg.eval_data().paths()
     if any(Path(p).resolve() == wanted for p in paths if "://" not in p):
         from data.sample import ensure_sample_data
 

@@ -21,7 +21,6 @@ from data.config import DataConfig
 from data.fs import scheme_of
 from data.units import enumerate_units, list_input_files
 from trainer.config import ConfigError, JobConfig, require_ranking
-from trainer.run_folder import checkpoint_config, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ def check_training(cfg: JobConfig) -> list[str]:
     """Faults of a training job: its data (and evaluation data, if it validates) and its output folder."""
     faults = data_faults(cfg.data, "data.data_paths")
     if cfg.train.evaluates and cfg.eval.data_paths:
-        faults += data_faults(dataclasses.replace(cfg.data, data_paths=cfg.eval.data_paths), "eval.data_paths")
+        faults += data_faults(cfg.eval_data(), "eval.data_paths")
     faults += output_dir_faults(Path(cfg.train.output_dir), f"train.output_dir = {cfg.train.output_dir!r}")
     if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
         faults.append(f"train.resume_from = {cfg.train.resume_from!r}: no such checkpoint folder")
@@ -52,21 +51,13 @@ def check_evaluation(cfg: JobConfig, checkpoint: Path, out: Path | None) -> list
             f"{fault}; a model trained without that cannot be evaluated: train with it, as configs/amazon_games.toml does"
             for fault in e.faults
         ]
-    data = dataclasses.replace(cfg.data, data_paths=cfg.eval.data_paths or cfg.data.data_paths)
-    faults += data_faults(data, "eval.data_paths" if cfg.eval.data_paths else "data.data_paths")
+    faults += data_faults(cfg.eval_data(), "eval.data_paths" if cfg.eval.data_paths else "data.data_paths")
     # The metrics JSON goes to --out, else into the checkpoint folder.
     if out is not None:
         faults += output_dir_faults(out.parent, f"--out {out}")
     else:
         faults += output_dir_faults(checkpoint, f"--checkpoint {checkpoint}")
     return faults
-
-
-def evaluation_config_path(config: str | None, checkpoint: str) -> tuple[Path, Path]:
-    """The checkpoint folder to evaluate (a run folder's best or latest) and the config to evaluate it with:
-    ``config`` when given, else the one the checkpoint was trained with."""
-    chosen = resolve_checkpoint(checkpoint, quiet=True)
-    return chosen, Path(config) if config else checkpoint_config(chosen)
 
 
 def data_faults(cfg: DataConfig, key: str) -> list[str]:

@@ -185,3 +185,7 @@ class JobConfig:
         # A config built in code may hold the reader's plain DataConfig / FeatureConfig: the job's own types
         # (with the planner's defaults) keep every consumer on one type.
         self.data = JobDataConfig.of(self.data)
+
+    def eval_data(self) -> JobDataConfig:
+        """``[data]`` with the files evaluation reads: ``eval.data_paths``, else the training files."""
+        return dataclasses.replace(self.data, data_paths=self.eval.data_paths or self.data.data_paths)
