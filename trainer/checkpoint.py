@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.config import JobConfig, dump_config
 from trainer.dist import DistContext, OutputDirError, agree, naming_output_dir, on_every_rank, os_reason
-from trainer.run_folder import MARKER, complete_checkpoints
+from trainer.run_folder import BEST_FILE, MARKER, complete_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class BestCheckpoint:
 
     def __init__(self, output_dir: Path, metric: str) -> None:
         self.output_dir = output_dir
-        self.file = output_dir / "best.json"
+        self.file = output_dir / BEST_FILE
         self.metric = metric
         self.value = -math.inf
         self.path: Path | None = None
