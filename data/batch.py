@@ -220,7 +220,7 @@ def with_negatives(batch: SequenceBatch, key: str, ids: torch.Tensor) -> Sequenc
     kjt = batch.sparse_features
     stride = kjt.stride()
     if ids.numel() > stride:
-        ids = ids[:stride]  # a tiny last batch has fewer bags than negatives; use what fits
+        ids = ids[:stride]  # few or short sequences, fewer bags: what fits (feed.NegativeSampler says so)
     lengths = torch.zeros(stride, dtype=kjt.lengths().dtype)
     lengths[: ids.numel()] = 1
     features = KeyedJaggedTensor(

@@ -84,6 +84,14 @@ def test_bad_values_name_the_key(tmp_path: Path, override: str, message: str) ->
         load_config(_write(tmp_path, ""), [override])
 
 
+def test_more_negatives_than_a_batch_has_bags_is_an_error(tmp_path: Path) -> None:
+    # One negative per bag of the batch's B x T grid: 4 x 8 = 32 bags carry at most 32 negatives.
+    base = ["--data.batch_size=4", "--data.seq_len=8", '--model.target_features=["item_id"]']
+    load_config(_write(tmp_path, ""), [*base, "--model.num_negatives=32"])
+    with pytest.raises(ConfigError, match=r"model\.num_negatives = 33 .*4 x 8 = 32.*at most 32"):
+        load_config(_write(tmp_path, ""), [*base, "--model.num_negatives=33"])
+
+
 def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.lr"):
         load_config(_write(tmp_path, "\n[train.lr]\nvalue = 1\n"))

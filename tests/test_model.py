@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -14,6 +16,7 @@ from model.config import ModelConfig
 from model.loss import next_item_contrastive_loss, next_item_mask
 from model.next_item import NextItemModel
 from model.sparse import EMBEDDING_INIT_STD, SparseArch
+from trainer.feed import NegativeSampler
 
 
 def test_loss_pairs_position_t_with_target_t_plus_1() -> None:
@@ -222,6 +225,21 @@ def test_model_with_sampled_negatives_trains_their_rows() -> None:
     grad = model.sparse.embedding_collection.embeddings["item_id"].weight.grad
     # Rows 8 and 9 appear only as negatives: they get gradient from the loss.
     assert grad[8].abs().sum() > 0 and grad[9].abs().sum() > 0
+
+
+def test_a_batch_with_fewer_bags_than_negatives_carries_what_fits_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    kjt = _kjt([[[1], [2], [3], [4]], [[0], [1], [2], [3]], [[0], [1], [2], [3]]])
+    batch = SequenceBatch(kjt, seq_lengths=torch.tensor([2, 2]), item_ids=torch.tensor([[1, 2], [3, 4]]))
+    sampler = NegativeSampler(negatives_key("item_id"), count=6, rows=10, seed=0, rank=0, start_index=0)
+    with caplog.at_level(logging.INFO, logger="trainer.feed"):
+        first, second = sampler(batch), sampler(batch)
+    # 2 users x 2 positions = 4 bags: 4 of the 6 draws, the first ones, ride along.
+    assert first.negative_ids is not None and first.negative_ids.numel() == 4
+    full = torch.from_numpy(np.random.default_rng([0, 0, 0]).integers(0, 10, size=6, dtype=np.int64))
+    assert torch.equal(first.negative_ids, full[:4])
+    assert second.negative_ids is not None and second.negative_ids.numel() == 4
+    said = [r.getMessage() for r in caplog.records if "model.num_negatives = 6" in r.getMessage()]
+    assert len(said) == 1 and "4 bags carries 4" in said[0]
 
 
 def test_position_embeddings_count_from_the_newest_item() -> None:

@@ -26,12 +26,23 @@ class NegativeSampler:
         self.key, self.count, self.rows = key, count, rows
         self.seed, self.rank = seed, rank
         self.index = start_index
+        self._told_short = False
 
     def __call__(self, batch: SequenceBatch) -> SequenceBatch:
         rng = np.random.default_rng([self.seed, self.rank, self.index])
         self.index += 1
         ids = torch.from_numpy(rng.integers(0, self.rows, size=self.count, dtype=np.int64))
-        return with_negatives(batch, self.key, ids)
+        out = with_negatives(batch, self.key, ids)
+        used = 0 if out.negative_ids is None else out.negative_ids.numel()
+        if used < self.count and not self._told_short:
+            # A batch of short sequences has fewer bags (users x its longest sequence) than negatives; the
+            # log-Q correction counts the draws actually used, so this is said, not an error.
+            self._told_short = True
+            logger.info(
+                "a batch of %d bags carries %d of the model.num_negatives = %d uniform negatives (batches of "
+                "shorter sequences carry fewer; said once)", batch.sparse_features.stride(), used, self.count,
+            )
+        return out
 
 
 class _Feed(Iterator[SequenceBatch]):

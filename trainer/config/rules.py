@@ -147,7 +147,22 @@ def _validate_targets(cfg: JobConfig) -> None:
         raise ConfigError(f"model.num_negatives must be >= 0, got {m.num_negatives}")
     if m.num_negatives:
         require_ranking(cfg, "model.num_negatives (sampled negatives)")
+    _validate_negative_count(cfg)
     _validate_negatives(m)
+
+
+def _validate_negative_count(cfg: JobConfig) -> None:
+    """The uniform negatives ride one per bag of the batch's item KJT (``data.batch.with_negatives``), whose
+    stride is users x padded length: more than ``batch_size * seq_len`` could never be drawn, and used to be
+    cut to what fits without a word."""
+    m, d = cfg.model, cfg.data
+    bags = d.batch_size * d.seq_len
+    if d.seq_len > 0 and m.num_negatives > bags:
+        raise ConfigError(
+            f"model.num_negatives = {m.num_negatives} is more than a batch has bags to carry them "
+            f"(data.batch_size x data.seq_len = {d.batch_size} x {d.seq_len} = {bags}, one negative per bag): "
+            f"set it to at most {bags}, or raise data.batch_size"
+        )
 
 
 def _validate_encoder(cfg: JobConfig) -> None:
